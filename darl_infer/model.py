@@ -1,0 +1,57 @@
+"""Load a checkpoint's model and tokenizer (full HF folder, or PEFT adapter over a base model)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+from transformers.utils import logging as hf_logging
+
+from .base_models import base_model_dir
+from .checkpoint import CheckpointError, CheckpointSpec, check_weights
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        # CPUs without native bf16 (no AVX-512-BF16/AMX) run bf16 several times slower than fp32.
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of {['auto', *DTYPES]}")
+    return DTYPES[dtype]
+
+
+def load_sequence_classifier(path: str | Path, num_labels: int, dtype: torch.dtype):
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # a causal-LM base has no score head yet: that warning is expected
+    try:
+        return AutoModelForSequenceClassification.from_pretrained(str(path), num_labels=num_labels, dtype=dtype)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+
+
+def load_checkpoint_model(directory: Path, spec: CheckpointSpec, dtype: torch.dtype, device: torch.device):
+    check_weights(directory, spec)
+    if spec.base_model is None:
+        model = load_sequence_classifier(directory, spec.num_labels, torch.float32)
+        tokenizer_dir = directory
+    else:
+        from peft import PeftModel
+
+        base_dir = base_model_dir(spec.base_model)
+        base = load_sequence_classifier(base_dir, spec.num_labels, torch.float32)
+        model = PeftModel.from_pretrained(base, str(directory)).merge_and_unload()
+        tokenizer_dir = directory if (directory / "tokenizer_config.json").is_file() else base_dir
+    if model.config.num_labels != spec.num_labels:
+        raise CheckpointError(
+            f"{directory / 'config.json'}: num_labels is {model.config.num_labels}, "
+            f"darl.json has {spec.num_labels} labels"
+        )
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return model.to(device=device, dtype=dtype).eval(), tokenizer

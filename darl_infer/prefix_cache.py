@@ -1,0 +1,107 @@
+"""Run an HF decoder with a shared prefix: the prefix once, then packed items against its KV.
+
+Hooked into transformers through its attention interface (no fork of model code): the function
+`shared_prefix_attention` is registered as an attention implementation. A `SharedPrefixCache`,
+held in a context variable while a forward pass runs, is the cache object: in the prefix pass it
+records each layer's K/V (keyed by `module.layer_idx`); in the items pass it hands that one copy
+to every item, with `cu_seqlens` telling the items apart inside the packed sequence.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from transformers import AttentionInterface
+
+from darl_infer.kernels.shared_prefix_attention import shared_prefix_attention_reference
+
+ATTN_IMPLEMENTATION = "darl_shared_prefix"
+
+AttentionOp = Callable[..., torch.Tensor]
+
+
+@dataclass
+class SharedPrefixCache:
+    cu_seqlens: torch.Tensor
+    recording: bool
+    attention_op: AttentionOp = shared_prefix_attention_reference
+    layers: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+
+_active: contextvars.ContextVar[SharedPrefixCache | None] = contextvars.ContextVar("darl_prefix_cache", default=None)
+
+
+def shared_prefix_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    cache = _active.get()
+    if cache is None:
+        raise RuntimeError(f"attention {ATTN_IMPLEMENTATION!r} called outside PrefixRunner")
+    if kwargs.get("softcap") is not None:
+        raise NotImplementedError("attention logit soft-capping is not supported")
+    if query.shape[0] != 1:
+        raise ValueError("shared-prefix attention expects one packed row (batch size 1)")
+    q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # (T, heads, D)
+    if cache.recording:
+        prefix_k, prefix_v = k[:0], v[:0]
+        cache.layers[module.layer_idx] = (k, v)
+    else:
+        prefix_k, prefix_v = cache.layers[module.layer_idx]
+    scale = scaling if scaling is not None else q.shape[-1] ** -0.5
+    out = cache.attention_op(
+        q, k, v, prefix_k, prefix_v, cache.cu_seqlens, scale, kwargs.get("sliding_window")
+    )
+    return out.unsqueeze(0), None  # (1, T, H, D), as HF's attention functions return
+
+
+AttentionInterface.register(ATTN_IMPLEMENTATION, shared_prefix_attention)
+
+
+@contextlib.contextmanager
+def _activate(cache: SharedPrefixCache):
+    token = _active.set(cache)
+    try:
+        yield cache
+    finally:
+        _active.reset(token)
+
+
+class PrefixRunner:
+    """Hidden states of packed items that all continue one prefix.
+
+    `decoder` is the HF base model (e.g. `LlamaModel`), switched to the shared-prefix attention.
+    """
+
+    def __init__(self, decoder: torch.nn.Module, attention_op: AttentionOp = shared_prefix_attention_reference):
+        self.decoder = decoder
+        self.attention_op = attention_op
+        decoder.set_attn_implementation(ATTN_IMPLEMENTATION)
+
+    def prefix(self, prefix_ids: torch.Tensor) -> SharedPrefixCache:
+        """Run the prefix (1-D ids) once; the returned cache holds every layer's K/V."""
+        P = prefix_ids.numel()
+        cu = torch.tensor([0, P], device=prefix_ids.device)
+        cache = SharedPrefixCache(cu, recording=True, attention_op=self.attention_op)
+        with _activate(cache):
+            self.decoder(
+                input_ids=prefix_ids[None], position_ids=torch.arange(P, device=prefix_ids.device)[None], use_cache=False
+            )
+        cache.recording = False
+        return cache
+
+    def items(self, cache: SharedPrefixCache, item_ids: list[torch.Tensor]) -> torch.Tensor:
+        """Final hidden state at the last token of each item, (N, hidden)."""
+        P = next(iter(cache.layers.values()))[0].shape[0]
+        device = item_ids[0].device
+        lengths = torch.tensor([t.numel() for t in item_ids], device=device)
+        cu = torch.zeros(len(item_ids) + 1, dtype=torch.long, device=device)
+        cu[1:] = lengths.cumsum(0)
+        packed = torch.cat(item_ids)
+        positions = P + torch.arange(packed.numel(), device=device) - torch.repeat_interleave(cu[:-1], lengths)
+        cache.cu_seqlens = cu
+        with _activate(cache):
+            out = self.decoder(input_ids=packed[None], position_ids=positions[None], use_cache=False)
+        hidden = out.last_hidden_state[0]
+        return hidden[cu[1:] - 1]

@@ -1,0 +1,115 @@
+"""`Scorer`: score and rank items for a query with a DaRL checkpoint.
+
+The API follows sentence-transformers' CrossEncoder (`predict`, `rank`) so users know it already.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .backends import ReferenceBackend, TorchBackend
+from .checkpoint import CheckpointError, CheckpointSpec
+from .model import load_checkpoint_model, resolve_dtype
+from .template import check_text
+
+DEFAULT_MODEL_DIR = Path(__file__).parent / "default_model"
+BACKENDS = {"reference": ReferenceBackend, "torch": TorchBackend}
+BACKEND_CHOICES = ("auto", *BACKENDS)
+
+
+@dataclass
+class ScoreResult:
+    probs: np.ndarray      # (N, K) probability of each grade
+    scores: np.ndarray     # (N,) expected grade value, sum_k p_k * v_k
+    grades: np.ndarray     # (N,) argmax grade index
+    truncated: np.ndarray  # (N,) the query or the item was cut to its token limit
+    labels: list[str]
+
+    def __len__(self) -> int:
+        return len(self.scores)
+
+
+def resolve_checkpoint(name_or_path: str | Path | None) -> Path:
+    if name_or_path is None or name_or_path == "default":
+        return DEFAULT_MODEL_DIR
+    path = Path(name_or_path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: checkpoint directory not found")
+    return path
+
+
+class Scorer:
+    def __init__(self, model, tokenizer, spec: CheckpointSpec, backend: str = "torch", **backend_options):
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; choose one of {list(BACKEND_CHOICES)}")
+        self.spec = spec
+        self.encoder = spec.template.encoder(tokenizer)
+        self.backend = BACKENDS[backend](model, **backend_options)
+        self.grade_values = torch.tensor(spec.grade_values, dtype=torch.float32)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str | Path | None = None,
+        *,
+        backend: str = "auto",
+        dtype: str | torch.dtype = "auto",
+        device: str | torch.device | None = None,
+        **backend_options,
+    ) -> "Scorer":
+        """Load a checkpoint directory; `None` (or "default") loads the embedded default model."""
+        if backend not in BACKEND_CHOICES:
+            raise ValueError(f"unknown backend {backend!r}; choose one of {list(BACKEND_CHOICES)}")
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if backend == "auto":
+            backend = "torch"
+        directory = resolve_checkpoint(name_or_path)
+        spec = CheckpointSpec.load(directory)
+        model, tokenizer = load_checkpoint_model(directory, spec, resolve_dtype(dtype, device), device)
+        return cls(model, tokenizer, spec, backend=backend, **backend_options)
+
+    @property
+    def labels(self) -> list[str]:
+        return self.spec.labels
+
+    def score(self, query: str, items: list[str]) -> ScoreResult:
+        enc = self.encoder.encode(query, items)
+        probs = self.backend.probs(enc)
+        return ScoreResult(
+            probs=probs.numpy(),
+            scores=(probs @ self.grade_values).numpy(),
+            grades=probs.argmax(-1).numpy(),
+            truncated=np.array(enc.truncated, dtype=bool),
+            labels=self.labels,
+        )
+
+    def score_many(self, batch: list[tuple[str, list[str]]]) -> list[ScoreResult]:
+        return [self.score(query, items) for query, items in batch]
+
+    def rank(self, query: str, items: list[str], top_k: int | None = None, return_documents: bool = False) -> list[dict]:
+        """Items best first, as `[{"corpus_id", "score", "grade"[, "text"]}]` (CrossEncoder.rank's shape)."""
+        result = self.score(query, items)
+        order = np.argsort(-result.scores, kind="stable")[:top_k]
+        ranked = []
+        for i in order:
+            row = {"corpus_id": int(i), "score": float(result.scores[i]), "grade": int(result.grades[i])}
+            if return_documents:
+                row["text"] = items[i]
+            ranked.append(row)
+        return ranked
+
+    def predict(self, pairs: list[tuple[str, str]]) -> np.ndarray:
+        """Expected-grade scores of (query, item) pairs in input order; each query's prefix runs once."""
+        groups: dict[str, list[int]] = {}
+        for n, pair in enumerate(pairs):
+            if isinstance(pair, str) or len(pair) != 2:
+                raise TypeError(f"pairs[{n}] must be a (query, item) pair")
+            groups.setdefault(check_text(pair[0], f"pairs[{n}][0] (query)"), []).append(n)
+        scores = np.empty(len(pairs), dtype=np.float32)
+        for query, idx in groups.items():
+            scores[idx] = self.score(query, [pairs[n][1] for n in idx]).scores
+        return scores

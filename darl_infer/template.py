@@ -1,0 +1,105 @@
+"""The prompt template: how a (query, item) pair becomes tokens.
+
+prefix = [BOS] + instruction + query label + query   (shared by all items of a query)
+suffix = item label + item + answer cue               (one per item)
+
+Every segment is tokenized on its own and the ids are concatenated, so no BPE merge crosses a
+segment boundary: the prefix tokens never depend on the item, which is what makes computing the
+prefix once per query exact. Training and serving both call `Template.encode`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass(frozen=True)
+class Template:
+    instruction: str = (
+        "Grade how relevant the item is to the search query: "
+        "0 irrelevant, 1 weakly relevant, 2 strongly relevant."
+    )
+    query_label: str = "\nQuery: "
+    item_label: str = "\nItem: "
+    answer_cue: str = "\nRelevance:"
+    max_query_tokens: int = 64
+    max_item_tokens: int = 128
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Template":
+        unknown = set(d) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown template field(s): {sorted(unknown)}")
+        t = cls(**d)
+        for name in ("instruction", "query_label", "item_label", "answer_cue"):
+            if not isinstance(getattr(t, name), str):
+                raise ValueError(f"template field {name!r} must be a string")
+        for name in ("max_query_tokens", "max_item_tokens"):
+            v = getattr(t, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"template field {name!r} must be a positive integer, got {v!r}")
+        return t
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def encoder(self, tokenizer) -> "TemplateEncoder":
+        return TemplateEncoder(self, tokenizer)
+
+
+@dataclass
+class Encoded:
+    prefix: list[int]          # BOS + instruction + query label + query
+    suffixes: list[list[int]]  # item label + item + answer cue, one per item
+    truncated: list[bool]      # query or that item was cut to its token limit
+    instruction_len: int = 0   # tokens of BOS + instruction at the start of `prefix`
+    meta: dict = field(default_factory=dict)
+
+
+def check_text(value, what: str) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"{what} must be a str, got {type(value).__name__}")
+    return value
+
+
+class TemplateEncoder:
+    """A template bound to a tokenizer, with the constant segments tokenized once."""
+
+    def __init__(self, template: Template, tokenizer):
+        self.template = template
+        self.tokenizer = tokenizer
+        bos = tokenizer.bos_token_id
+        adds_bos = bos is not None and tokenizer("a").input_ids[:1] == [bos]
+        self.bos = [bos] if adds_bos else []
+        self.instruction = self.bos + self._ids(template.instruction)
+        self.query_label = self._ids(template.query_label)
+        self.item_label = self._ids(template.item_label)
+        self.answer_cue = self._ids(template.answer_cue)
+        if not self.answer_cue:
+            raise ValueError("template answer_cue must produce at least one token")
+
+    def _ids(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False).input_ids if text else []
+
+    def _ids_many(self, texts: list[str]) -> list[list[int]]:
+        if not texts:
+            return []
+        return self.tokenizer(texts, add_special_tokens=False).input_ids
+
+    def encode(self, query: str, items: list[str]) -> Encoded:
+        check_text(query, "query")
+        if not query.strip():
+            raise ValueError("query is empty")
+        if isinstance(items, str):
+            raise TypeError("items must be a list of str, got a single str")
+        for i, item in enumerate(items):
+            check_text(item, f"items[{i}]")
+        q = self._ids(query)
+        q_cut = len(q) > self.template.max_query_tokens
+        prefix = self.instruction + self.query_label + q[: self.template.max_query_tokens]
+        suffixes, truncated = [], []
+        for ids in self._ids_many(list(items)):
+            cut = len(ids) > self.template.max_item_tokens
+            suffixes.append(self.item_label + ids[: self.template.max_item_tokens] + self.answer_cue)
+            truncated.append(cut or q_cut)
+        return Encoded(prefix, suffixes, truncated, instruction_len=len(self.instruction))

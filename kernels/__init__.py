@@ -1,0 +1,1 @@
+"""Kernels for darl_infer; each op sits beside its PyTorch reference with the same signature."""

@@ -1,0 +1,65 @@
+"""Tiny random-init decoders (Llama, Qwen2, Gemma3) saved as DaRL checkpoints: CI needs no weights."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import (
+    AutoModelForSequenceClassification,
+    Gemma3TextConfig,
+    LlamaConfig,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+)
+
+from darl_infer.checkpoint import CheckpointSpec
+from darl_infer.template import Template
+
+WORDS = [f"w{i}" for i in range(200)]
+SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>"]
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    vocab = {tok: i for i, tok in enumerate(SPECIALS + WORDS + list(":.,!?-0123456789"))}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>", unk_token="<unk>"
+    )
+
+
+def tiny_config(arch: str, vocab_size: int):
+    common = dict(
+        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, pad_token_id=0, eos_token_id=1, bos_token_id=2,
+    )
+    if arch == "llama":
+        return LlamaConfig(**common)
+    if arch == "qwen2":
+        return Qwen2Config(**common)
+    if arch == "gemma3":
+        # window 8 < prefix + item lengths used in tests, so the sliding-window path is exercised
+        return Gemma3TextConfig(**common, sliding_window=8, layer_types=["sliding_attention", "full_attention", "sliding_attention"])
+    raise ValueError(arch)
+
+
+def make_checkpoint(directory: Path, arch: str, seed: int = 0, template: Template | None = None) -> Path:
+    torch.manual_seed(seed)
+    tokenizer = tiny_tokenizer()
+    config = tiny_config(arch, len(tokenizer))
+    config.num_labels = 3
+    model = AutoModelForSequenceClassification.from_config(config)
+    # random init gives near-uniform probabilities; a larger head makes differences visible
+    torch.nn.init.normal_(model.score.weight, std=1.0)
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    CheckpointSpec(template=template or Template(instruction="w1 w2 w3 w4 w5 : w6 w7", max_item_tokens=64)).save(directory)
+    return directory
+
+
+def random_text(rng: random.Random, n_tokens: int) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(n_tokens))

@@ -1,0 +1,1 @@
+"""Training DaRL checkpoints from JSONL {query, item, label} data."""
