@@ -28,6 +28,7 @@ AttentionOp = Callable[..., torch.Tensor]
 class SharedPrefixCache:
     cu_seqlens: torch.Tensor
     recording: bool
+    length: int
     attention_op: AttentionOp = shared_prefix_attention_reference
     layers: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
@@ -47,6 +48,8 @@ def shared_prefix_attention(module, query, key, value, attention_mask, scaling=N
     if cache.recording:
         prefix_k, prefix_v = k[:0], v[:0]
         cache.layers[module.layer_idx] = (k, v)
+    elif cache.length == 0:
+        prefix_k, prefix_v = k[:0], v[:0]
     else:
         prefix_k, prefix_v = cache.layers[module.layer_idx]
     scale = scaling if scaling is not None else q.shape[-1] ** -0.5
@@ -83,7 +86,9 @@ class PrefixRunner:
         """Run the prefix (1-D ids) once; the returned cache holds every layer's K/V."""
         P = prefix_ids.numel()
         cu = torch.tensor([0, P], device=prefix_ids.device)
-        cache = SharedPrefixCache(cu, recording=True, attention_op=self.attention_op)
+        cache = SharedPrefixCache(cu, recording=P > 0, length=P, attention_op=self.attention_op)
+        if P == 0:
+            return cache
         with _activate(cache):
             self.decoder(
                 input_ids=prefix_ids[None], position_ids=torch.arange(P, device=prefix_ids.device)[None], use_cache=False
@@ -93,7 +98,7 @@ class PrefixRunner:
 
     def items(self, cache: SharedPrefixCache, item_ids: list[torch.Tensor]) -> torch.Tensor:
         """Final hidden state at the last token of each item, (N, hidden)."""
-        P = next(iter(cache.layers.values()))[0].shape[0]
+        P = cache.length
         device = item_ids[0].device
         lengths = torch.tensor([t.numel() for t in item_ids], device=device)
         cu = torch.zeros(len(item_ids) + 1, dtype=torch.long, device=device)

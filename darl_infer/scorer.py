@@ -5,20 +5,33 @@ The API follows sentence-transformers' CrossEncoder (`predict`, `rank`) so users
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .backends import ReferenceBackend, TorchBackend
 from .checkpoint import CheckpointError, CheckpointSpec
 from .model import load_checkpoint_model, resolve_dtype
 from .template import check_text
 
 DEFAULT_MODEL_DIR = Path(__file__).parent / "default_model"
-BACKENDS = {"reference": ReferenceBackend, "torch": TorchBackend}
+# imported on first use: triton and onnxruntime are optional extras
+BACKENDS = {
+    "reference": "darl_infer.backends:ReferenceBackend",
+    "torch": "darl_infer.backends:TorchBackend",
+    "triton": "darl_infer.triton_backend:TritonBackend",
+    "onnx": "darl_infer.onnx_backend:OnnxBackend",
+}
 BACKEND_CHOICES = ("auto", *BACKENDS)
+
+
+def backend_class(name: str):
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; choose one of {list(BACKEND_CHOICES)}")
+    module, cls = BACKENDS[name].split(":")
+    return getattr(importlib.import_module(module), cls)
 
 
 @dataclass
@@ -44,11 +57,9 @@ def resolve_checkpoint(name_or_path: str | Path | None) -> Path:
 
 class Scorer:
     def __init__(self, model, tokenizer, spec: CheckpointSpec, backend: str = "torch", **backend_options):
-        if backend not in BACKENDS:
-            raise ValueError(f"unknown backend {backend!r}; choose one of {list(BACKEND_CHOICES)}")
         self.spec = spec
         self.encoder = spec.template.encoder(tokenizer)
-        self.backend = BACKENDS[backend](model, **backend_options)
+        self.backend = backend_class(backend)(model, **backend_options)
         self.grade_values = torch.tensor(spec.grade_values, dtype=torch.float32)
 
     @classmethod

@@ -1,0 +1,56 @@
+"""JSONL relevance data: one `{"query": str, "item": str, "label": int}` object a line."""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+
+class DataError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Pair:
+    query: str
+    item: str
+    label: int
+
+
+def read_pairs(path: str | Path, num_labels: int = 3, limit: int | None = None, seed: int = 0) -> list[Pair]:
+    """All pairs of a file (or `limit` of them drawn with `seed`); any bad line is an error naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    pairs = []
+    with path.open(encoding="utf-8") as f:
+        for n, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{n}: malformed JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path}:{n}: expected a JSON object")
+            for key in ("query", "item"):
+                if not isinstance(row.get(key), str):
+                    raise DataError(f"{path}:{n}: field {key!r} must be a string")
+            label = row.get("label")
+            if not isinstance(label, int) or isinstance(label, bool) or not 0 <= label < num_labels:
+                raise DataError(f"{path}:{n}: label {label!r} is not an integer in 0..{num_labels - 1}")
+            pairs.append(Pair(row["query"], row["item"], label))
+    if not pairs:
+        raise DataError(f"{path}: no pairs")
+    if limit is not None and limit < len(pairs):
+        pairs = random.Random(seed).sample(pairs, limit)
+    return pairs
+
+
+def group_by_query(pairs: list[Pair]) -> dict[str, list[int]]:
+    groups: dict[str, list[int]] = {}
+    for i, p in enumerate(pairs):
+        groups.setdefault(p.query, []).append(i)
+    return groups
