@@ -9,11 +9,20 @@ Since the model is causal this equals full attention over prefix + item, exactly
 
 Shapes: q (T, H, D); k, v (T, Hkv, D); prefix_k, prefix_v (P, Hkv, D); H a multiple of Hkv
 (GQA/MQA). `sliding_window` W: a query at position p sees keys at positions > p - W (HF's rule).
+
+`shared_prefix_attention_reference` is the PyTorch version (the torch backend's attention op);
+`shared_prefix_attention` is the Triton kernel with the same signature (the triton backend's).
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
+
+from darl_infer.kernels._triton import INTERPRETED, tl, triton
+
+LOG2_E = math.log2(math.e)  # the kernel works in base 2: exp(x) = exp2(x * log2(e))
 
 
 def _partial_attention(scores: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -82,3 +91,180 @@ def shared_prefix_attention_reference(
     lse = torch.logaddexp(lse_pre, lse_own)
     out = o_pre * torch.exp(lse_pre - lse)[..., None] + o_own * torch.exp(lse_own - lse)[..., None]
     return out.to(out_dtype)
+
+
+# --- Triton kernel -------------------------------------------------------------------------------
+# Grid (row tiles, KV heads). A row is one (item token, query head) pair; the G = H / Hkv query heads
+# that share a KV head are folded into the rows, so a tile of BLOCK_M rows holds BLOCK_M / G packed
+# tokens, usually of several items. Each tile streams (a) the prefix K/V of its KV head, one copy
+# read once per tile for every item in it, and (b) the packed item keys from the first item start
+# in the tile up to its last token, masked to each row's own item and causal. One online softmax
+# runs over both, so the two partial attentions are merged exactly as log-sum-exp merging would.
+
+_ATTENTION_CONFIGS = [
+    triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=stages)
+    for block_m, block_n, warps, stages in [
+        (64, 64, 4, 2),  # first: the interpreter's only config (it cannot time kernels)
+        (128, 64, 8, 2),
+        (128, 64, 8, 3),
+        (128, 32, 4, 3),
+        (64, 32, 4, 3),
+        (64, 64, 4, 3),
+    ]
+]
+
+
+def _fits_shared_memory(configs, named_args, **kwargs):
+    """Drop configs whose pipelined K/V tiles plus the Q tile exceed ~160 KB of shared memory
+    (A100: 164 KB, H100: 228 KB per SM); head dim 256 (Gemma) rules out the largest ones."""
+    elem = named_args["q"].element_size()
+    block_d = kwargs["BLOCK_D"]
+    fits = [
+        c for c in configs
+        if (c.num_stages * 2 * c.kwargs["BLOCK_N"] + c.kwargs["BLOCK_M"]) * block_d * elem <= 160 * 1024
+    ]
+    return fits or configs[-1:]
+
+
+@triton.jit
+def _attend_block(acc, m_i, l_i, q, k_base, v_base, keys, key_end, stride_kt, stride_vt, visible, d, d_valid,
+                  scale_log2, DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr):
+    """One online-softmax step of q against keys[]; returns the updated (acc, running max, running sum)."""
+    load_mask = (keys < key_end)[:, None] & d_valid[None, :]
+    k = tl.load(k_base + keys[:, None] * stride_kt + d[None, :], mask=load_mask, other=0.0)
+    v = tl.load(v_base + keys[:, None] * stride_vt + d[None, :], mask=load_mask, other=0.0)
+    if DOT_IN_FP32:  # the interpreter cannot multiply bf16 (triton#11584); fp32 gives the same products
+        q, k = q.to(tl.float32), k.to(tl.float32)
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
+    s = tl.where(visible, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    p = tl.math.exp2(s - m_new[:, None])
+    alpha = tl.math.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    p = p.to(v.dtype)  # P @ V in the inputs' dtype (tensor cores for fp16/bf16), fp32 accumulator
+    if DOT_IN_FP32:
+        p, v = p.to(tl.float32), v.to(tl.float32)
+    acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=DOT_PRECISION)
+    return acc, m_new, l_i
+
+
+@triton.autotune(
+    configs=_ATTENTION_CONFIGS if not INTERPRETED else _ATTENTION_CONFIGS[:1],
+    key=["HEAD_DIM", "GROUP"],
+    prune_configs_by={"early_config_prune": _fits_shared_memory},
+)
+@triton.jit
+def _shared_prefix_attention_kernel(
+    q, k, v, prefix_k, prefix_v, out, cu_seqlens,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+    stride_pkt, stride_pkh, stride_pvt, stride_pvh, stride_ot, stride_oh,
+    T, P, N, search_steps, prefix_start, window, scale_log2,
+    HEAD_DIM: tl.constexpr, GROUP: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    tile = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    token = rows // GROUP
+    head = kv_head * GROUP + rows % GROUP
+    row_valid = token < T
+    d = tl.arange(0, BLOCK_D)
+    d_valid = d < HEAD_DIM
+
+    # start of each row's item: binary search for the last i with cu_seqlens[i] <= token
+    lo = tl.zeros([BLOCK_M], dtype=tl.int32)
+    hi = tl.full([BLOCK_M], N, dtype=tl.int32)
+    for _ in range(search_steps):
+        mid = (lo + hi) // 2
+        past = tl.load(cu_seqlens + mid) <= token
+        lo = tl.where(past, mid, lo)
+        hi = tl.where(past, hi, mid)
+    item_start = tl.load(cu_seqlens + lo).to(tl.int32)
+    query_pos = P + token - item_start
+
+    q_tile = tl.load(
+        q + token[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :],
+        mask=row_valid[:, None] & d_valid[None, :], other=0.0,
+    )
+    # finite start: a row that sees no key in a block keeps exp2(m_i - m_new) well defined
+    m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    # (a) the prefix: keys 0..P-1 at their own positions; those at or before prefix_start - 1 are
+    # outside every row's sliding window
+    for start in range(prefix_start, P, BLOCK_N):
+        keys = start + tl.arange(0, BLOCK_N)
+        visible = (keys[None, :] < P) & (keys[None, :] > query_pos[:, None] - window)
+        acc, m_i, l_i = _attend_block(
+            acc, m_i, l_i, q_tile, prefix_k + kv_head * stride_pkh, prefix_v + kv_head * stride_pvh, keys, P,
+            stride_pkt, stride_pvt, visible, d, d_valid, scale_log2, DOT_PRECISION, DOT_IN_FP32,
+        )
+
+    # (b) the items' own keys, causal: from the first item start in the tile (or the earliest key
+    # inside the first row's window) to the tile's last token
+    first_token = tile * BLOCK_M // GROUP
+    key_end = tl.minimum((tile * BLOCK_M + BLOCK_M - 1) // GROUP, T - 1) + 1
+    own_start = tl.maximum(tl.min(item_start, axis=0), first_token - window + 1)
+    for start in range(own_start, key_end, BLOCK_N):
+        keys = start + tl.arange(0, BLOCK_N)
+        visible = (
+            (keys[None, :] >= item_start[:, None])
+            & (keys[None, :] <= token[:, None])
+            & (keys[None, :] > token[:, None] - window)
+        )
+        acc, m_i, l_i = _attend_block(
+            acc, m_i, l_i, q_tile, k + kv_head * stride_kh, v + kv_head * stride_vh, keys, key_end,
+            stride_kt, stride_vt, visible, d, d_valid, scale_log2, DOT_PRECISION, DOT_IN_FP32,
+        )
+
+    # every row sees at least its own key, so l_i > 0 for real rows
+    tl.store(
+        out + token[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :],
+        (acc / l_i[:, None]).to(out.dtype.element_ty),
+        mask=row_valid[:, None] & d_valid[None, :],
+    )
+
+
+def shared_prefix_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    prefix_k: torch.Tensor,
+    prefix_v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    scale: float,
+    sliding_window: int | None = None,
+) -> torch.Tensor:
+    """The Triton kernel; same arguments and result as `shared_prefix_attention_reference`."""
+    T, H, D = q.shape
+    P, Hkv = prefix_k.shape[0], k.shape[1]
+    if H % Hkv or k.shape != (T, Hkv, D) or v.shape != k.shape or prefix_k.shape != (P, Hkv, D) or prefix_v.shape != prefix_k.shape:
+        raise ValueError(
+            f"shapes do not match: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}, "
+            f"prefix_k {tuple(prefix_k.shape)}, prefix_v {tuple(prefix_v.shape)}"
+        )
+    if len({x.dtype for x in (q, k, v, prefix_k, prefix_v)}) != 1:
+        raise ValueError("q, k, v, prefix_k and prefix_v must share one dtype")
+    N = cu_seqlens.numel() - 1
+    if N < 1 or T == 0:
+        raise ValueError("need at least one item with at least one token")
+    # the kernel addresses the head dim with unit stride; HF's (1, H, T, D) tensors already have it
+    q, k, v, prefix_k, prefix_v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v, prefix_k, prefix_v))
+    cu = cu_seqlens.to(device=q.device, dtype=torch.int32)
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    # no window: one wider than any position, so the window masks are always true
+    window = sliding_window if sliding_window is not None else P + T + 1
+    G = H // Hkv
+    grid = lambda meta: (triton.cdiv(T * G, meta["BLOCK_M"]), Hkv)  # noqa: E731
+    _shared_prefix_attention_kernel[grid](
+        q, k, v, prefix_k, prefix_v, out, cu,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        prefix_k.stride(0), prefix_k.stride(1), prefix_v.stride(0), prefix_v.stride(1), out.stride(0), out.stride(1),
+        T, P, N, (N - 1).bit_length(), max(P - window + 1, 0), window, scale * LOG2_E,
+        HEAD_DIM=D, GROUP=G, BLOCK_D=max(16, triton.next_power_of_2(D)),
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # no TF32 rounding for fp32 models
+        DOT_IN_FP32=INTERPRETED and q.dtype == torch.bfloat16,
+    )
+    return out

@@ -1,0 +1,139 @@
+"""Each Triton kernel against its PyTorch reference (the torch backend's own op), same inputs.
+
+Without CUDA the kernels run in Triton's interpreter (TRITON_INTERPRET=1, set in conftest.py).
+"""
+
+import itertools
+
+import pytest
+import torch
+
+from darl_infer.kernels._triton import HAS_TRITON, INTERPRETED
+from darl_infer.kernels.classification_head import classification_head, classification_head_reference
+from darl_infer.kernels.shared_prefix_attention import shared_prefix_attention, shared_prefix_attention_reference
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+if DEVICE == "cpu" and HAS_TRITON and not INTERPRETED:
+    raise RuntimeError("no CUDA and the kernels were not built for the interpreter: set TRITON_INTERPRET=1 first")
+
+# (query heads, KV heads, head dim)
+HEAD_LAYOUTS = {"smollm2": (9, 3, 64), "gemma3": (4, 1, 256)}
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-2, torch.bfloat16: 2e-2}
+ITEM_LENGTHS = {
+    1: [64],
+    3: [1, 5, 64],
+    # 130 items, mostly short so the interpreter stays quick; the 64-token one lands mid-pack
+    130: [64 if i == 70 else (1, 5)[i % 2] for i in range(130)],
+}
+
+
+def attention_inputs(prefix_len, lengths, layout, dtype, seed=0):
+    H, Hkv, D = HEAD_LAYOUTS[layout]
+    T = sum(lengths)
+    g = torch.Generator().manual_seed(seed)
+    rand = lambda *shape: torch.randn(*shape, generator=g).to(device=DEVICE, dtype=dtype)  # noqa: E731
+    cu = torch.tensor([0, *itertools.accumulate(lengths)], device=DEVICE)
+    return rand(T, H, D), rand(T, Hkv, D), rand(T, Hkv, D), rand(prefix_len, Hkv, D), rand(prefix_len, Hkv, D), cu, D**-0.5
+
+
+def assert_attention_matches(prefix_len, lengths, layout, dtype, sliding_window=None):
+    args = attention_inputs(prefix_len, lengths, layout, dtype)
+    out = shared_prefix_attention(*args, sliding_window)
+    expected = shared_prefix_attention_reference(*args, sliding_window)
+    assert out.dtype == dtype and out.shape == expected.shape
+    assert (out.float() - expected.float()).abs().max().item() <= TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("layout", HEAD_LAYOUTS)
+@pytest.mark.parametrize("prefix_len", [0, 1, 37, 512])
+def test_attention_prefix_lengths_fp32(prefix_len, layout):
+    assert_attention_matches(prefix_len, ITEM_LENGTHS[3], layout, torch.float32)
+
+
+@pytest.mark.parametrize("layout", HEAD_LAYOUTS)
+@pytest.mark.parametrize("n_items", [1, 130])
+def test_attention_item_counts_fp32(n_items, layout):
+    assert_attention_matches(37, ITEM_LENGTHS[n_items], layout, torch.float32)
+
+
+@pytest.mark.parametrize("layout", HEAD_LAYOUTS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_attention_half_precision(dtype, layout):
+    assert_attention_matches(37, ITEM_LENGTHS[3], layout, dtype)
+
+
+@pytest.mark.parametrize("layout", HEAD_LAYOUTS)
+@pytest.mark.parametrize(("prefix_len", "window"), [(37, 8), (512, 40)])
+def test_attention_sliding_window(prefix_len, window, layout):
+    # 8: items see only part of their own keys; 40: most of the prefix is out of every window
+    assert_attention_matches(prefix_len, ITEM_LENGTHS[3], layout, torch.float32, sliding_window=window)
+
+
+def test_attention_takes_hf_strided_views():
+    # HF hands (1, heads, T, D) tensors; the backend passes their (T, heads, D) transposes, no copy
+    q, k, v, pk, pv, cu, scale = attention_inputs(37, ITEM_LENGTHS[3], "smollm2", torch.float32)
+    q, k, v, pk, pv = (x.transpose(0, 1).contiguous().transpose(0, 1) for x in (q, k, v, pk, pv))
+    assert q.stride(1) > q.stride(0)
+    expected = shared_prefix_attention_reference(q, k, v, pk, pv, cu, scale)
+    assert (shared_prefix_attention(q, k, v, pk, pv, cu, scale) - expected).abs().max().item() <= 1e-5
+
+
+def test_attention_rejects_mismatched_shapes():
+    q, k, v, pk, pv, cu, scale = attention_inputs(5, [3], "smollm2", torch.float32)
+    with pytest.raises(ValueError, match="shapes do not match"):
+        shared_prefix_attention(q, k[:, :2], v[:, :2], pk, pv, cu, scale)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", HEAD_LAYOUTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("n_items", [1, 3, 130])
+@pytest.mark.parametrize("prefix_len", [0, 1, 37, 512])
+def test_attention_full_grid(prefix_len, n_items, dtype, layout):
+    assert_attention_matches(prefix_len, ITEM_LENGTHS[n_items], layout, dtype)
+
+
+def head_inputs(n_items, hidden_size, n_grades, variant, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    lengths = ITEM_LENGTHS.get(n_items) or [1 + i % 7 for i in range(n_items)]
+    cu = torch.tensor([0, *itertools.accumulate(lengths)], device=DEVICE)
+    hidden = 3 * torch.randn(sum(lengths), hidden_size, generator=g)
+    # Llama-style weights sit around 1, Gemma's around 0 (it scales by 1 + w)
+    norm_weight = 0.5 * torch.randn(hidden_size, generator=g) + (1.0 if variant == "llama" else 0.0)
+    score_weight = torch.randn(n_grades, hidden_size, generator=g) / hidden_size**0.5
+    to = dict(device=DEVICE, dtype=dtype)
+    grade_values = torch.linspace(0, 1, n_grades, device=DEVICE) ** 2
+    return hidden.to(**to), cu, norm_weight.to(**to), 1e-6, variant, score_weight.to(**to), grade_values
+
+
+def assert_head_matches(n_items, hidden_size, n_grades, variant, dtype):
+    args = head_inputs(n_items, hidden_size, n_grades, variant, dtype)
+    probs, expected = classification_head(*args)
+    ref_probs, ref_expected = classification_head_reference(*args)
+    assert probs.shape == (n_items, n_grades) and expected.shape == (n_items,)
+    assert (probs - ref_probs).abs().max().item() <= TOLERANCE[dtype]
+    assert (expected - ref_expected).abs().max().item() <= TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("variant", ["llama", "gemma"])
+@pytest.mark.parametrize(
+    ("n_items", "hidden_size", "n_grades"),
+    [(1, 64, 3), (3, 576, 3), (5, 1500, 5)],  # 1500: several column blocks, K not a power of 2
+)
+def test_classification_head(n_items, hidden_size, n_grades, variant, dtype):
+    assert_head_matches(n_items, hidden_size, n_grades, variant, dtype)
+
+
+@pytest.mark.parametrize("variant", ["llama", "gemma"])
+def test_classification_head_many_items(variant):
+    assert_head_matches(130, 640, 3, variant, torch.float32)
+
+
+def test_classification_head_rejects_unknown_norm():
+    args = list(head_inputs(1, 64, 3, "llama", torch.float32))
+    args[4] = "layernorm"
+    for head in (classification_head, classification_head_reference):
+        with pytest.raises(ValueError, match="unknown norm_variant"):
+            head(*args)
