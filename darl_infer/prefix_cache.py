@@ -75,12 +75,33 @@ class PrefixRunner:
     """Hidden states of packed items that all continue one prefix.
 
     `decoder` is the HF base model (e.g. `LlamaModel`), switched to the shared-prefix attention.
+    `final_norm=False` skips the decoder's final norm (swapped for Identity during the runner's own
+    passes only): a fused head applies it to the N last tokens instead of all T packed tokens.
     """
 
-    def __init__(self, decoder: torch.nn.Module, attention_op: AttentionOp = shared_prefix_attention_reference):
+    def __init__(
+        self,
+        decoder: torch.nn.Module,
+        attention_op: AttentionOp = shared_prefix_attention_reference,
+        final_norm: bool = True,
+    ):
         self.decoder = decoder
         self.attention_op = attention_op
+        self.final_norm = final_norm
         decoder.set_attn_implementation(ATTN_IMPLEMENTATION)
+
+    @contextlib.contextmanager
+    def _forward_pass(self, cache: SharedPrefixCache):
+        with _activate(cache):
+            if self.final_norm:
+                yield
+                return
+            norm = self.decoder.norm
+            self.decoder.norm = torch.nn.Identity()
+            try:
+                yield
+            finally:
+                self.decoder.norm = norm
 
     def prefix(self, prefix_ids: torch.Tensor) -> SharedPrefixCache:
         """Run the prefix (1-D ids) once; the returned cache holds every layer's K/V."""
@@ -89,15 +110,16 @@ class PrefixRunner:
         cache = SharedPrefixCache(cu, recording=P > 0, length=P, attention_op=self.attention_op)
         if P == 0:
             return cache
-        with _activate(cache):
+        with self._forward_pass(cache):
             self.decoder(
                 input_ids=prefix_ids[None], position_ids=torch.arange(P, device=prefix_ids.device)[None], use_cache=False
             )
         cache.recording = False
         return cache
 
-    def items(self, cache: SharedPrefixCache, item_ids: list[torch.Tensor]) -> torch.Tensor:
-        """Final hidden state at the last token of each item, (N, hidden)."""
+    def packed(self, cache: SharedPrefixCache, item_ids: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Hidden states of all item tokens packed back to back, (T, hidden), and the items'
+        offsets `cu_seqlens` (N+1): item i ends at row cu_seqlens[i + 1] - 1."""
         P = cache.length
         device = item_ids[0].device
         lengths = torch.tensor([t.numel() for t in item_ids], device=device)
@@ -106,7 +128,11 @@ class PrefixRunner:
         packed = torch.cat(item_ids)
         positions = P + torch.arange(packed.numel(), device=device) - torch.repeat_interleave(cu[:-1], lengths)
         cache.cu_seqlens = cu
-        with _activate(cache):
+        with self._forward_pass(cache):
             out = self.decoder(input_ids=packed[None], position_ids=positions[None], use_cache=False)
-        hidden = out.last_hidden_state[0]
+        return out.last_hidden_state[0], cu
+
+    def items(self, cache: SharedPrefixCache, item_ids: list[torch.Tensor]) -> torch.Tensor:
+        """Hidden state at the last token of each item, (N, hidden)."""
+        hidden, cu = self.packed(cache, item_ids)
         return hidden[cu[1:] - 1]
