@@ -1,0 +1,44 @@
+"""`triton` backend: the torch backend's model and flow with the Triton kernels swapped in, the
+shared-prefix attention (one launch per layer) and the fused classification head (one launch per
+chunk of items). On CUDA the kernels are compiled; on CPU they run only in Triton's interpreter
+(TRITON_INTERPRET=1, slow, for testing).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from darl_infer.kernels._triton import HAS_TRITON, INTERPRETED
+from darl_infer.kernels.classification_head import classification_head
+from darl_infer.kernels.shared_prefix_attention import shared_prefix_attention
+
+from .backends import TorchBackend
+
+
+def check_triton_can_run(device: torch.device) -> None:
+    if not HAS_TRITON:
+        raise ImportError("backend='triton' needs triton: pip install 'darl-infer[gpu]'; or use backend='torch'")
+    if device.type == "cuda" or INTERPRETED:
+        return
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        raise RuntimeError(
+            "TRITON_INTERPRET was set after darl_infer.kernels was imported; Triton reads it when the "
+            "kernels are defined. Set it before importing darl_infer, or use backend='torch'."
+        )
+    raise RuntimeError(
+        f"backend='triton' needs a CUDA device (the model is on {device}). On CPU the Triton kernels run "
+        "only in Triton's interpreter: set TRITON_INTERPRET=1 before importing darl_infer (slow, for "
+        "testing). Use backend='torch' on CPU."
+    )
+
+
+class TritonBackend(TorchBackend):
+    name = "triton"
+    attention_op = staticmethod(shared_prefix_attention)
+    head_op = staticmethod(classification_head)
+
+    def __init__(self, model, **options):
+        check_triton_can_run(model.device)
+        super().__init__(model, **options)

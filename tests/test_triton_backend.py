@@ -1,0 +1,89 @@
+"""Scorer(backend="triton") end to end against the reference backend (each pair alone through HF).
+
+Without CUDA the kernels run in Triton's interpreter (TRITON_INTERPRET=1, set in conftest.py), so
+the tiny models and item counts stay small.
+"""
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ragged_items
+from darl_infer import Scorer
+from darl_infer import triton_backend
+from darl_infer.backends import length_sorted_chunks
+from darl_infer.kernels import classification_head, shared_prefix_attention
+from darl_infer.kernels._triton import HAS_TRITON
+from tiny_models import random_text
+
+pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+
+
+@pytest.fixture(scope="module")
+def scorers(tiny_checkpoints):
+    cache = {}
+
+    def get(arch, backend, **options):
+        key = (arch, backend, tuple(sorted(options.items())))
+        if key not in cache:
+            cache[key] = Scorer.from_pretrained(tiny_checkpoints[arch], backend=backend, dtype="fp32", **options)
+        return cache[key]
+
+    return get
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_triton_matches_reference(scorers, arch, rng):
+    query = random_text(rng, 5)
+    items = ragged_items(rng, 6, max_tokens=20)
+    ref = scorers(arch, "reference").score(query, items)
+    fast = scorers(arch, "triton", token_budget=40).score(query, items)  # several chunks
+    assert np.abs(fast.probs - ref.probs).max() <= 1e-4
+    np.testing.assert_allclose(fast.scores, ref.scores, atol=2e-4)
+
+
+def count_launches(monkeypatch, kernel) -> list:
+    launches = []
+    run = kernel.run
+
+    def counted(*args, **kwargs):
+        launches.append(1)
+        return run(*args, **kwargs)
+
+    monkeypatch.setattr(kernel, "run", counted)
+    return launches
+
+
+def test_triton_backend_launches_the_kernels(scorers, monkeypatch, rng):
+    scorer = scorers("llama", "triton", token_budget=40)
+    attention = count_launches(monkeypatch, shared_prefix_attention._shared_prefix_attention_kernel)
+    head = count_launches(monkeypatch, classification_head._classification_head_kernel)
+    query, items = random_text(rng, 5), ragged_items(rng, 6, max_tokens=20)
+    enc = scorer.encoder.encode(query, items)
+    n_chunks = len(length_sorted_chunks([len(s) for s in enc.suffixes], 40))
+    assert n_chunks > 1
+    scorer.score(query, items)
+    n_layers = scorer.backend.model.config.num_hidden_layers
+    assert len(attention) == n_layers * (1 + n_chunks)  # the prefix pass, then every chunk of items
+    assert len(head) == n_chunks
+
+
+def test_triton_on_cpu_without_interpreter_says_what_to_do(monkeypatch):
+    monkeypatch.setattr(triton_backend, "INTERPRETED", False)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(RuntimeError, match=r"needs a CUDA device.*TRITON_INTERPRET=1.*backend='torch'"):
+        triton_backend.check_triton_can_run(torch.device("cpu"))
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    with pytest.raises(RuntimeError, match="set after darl_infer.kernels was imported"):
+        triton_backend.check_triton_can_run(torch.device("cpu"))
+
+
+def test_triton_without_triton_says_what_to_install(monkeypatch):
+    monkeypatch.setattr(triton_backend, "HAS_TRITON", False)
+    with pytest.raises(ImportError, match=r"darl-infer\[gpu\]"):
+        triton_backend.check_triton_can_run(torch.device("cuda"))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU choice")
+def test_auto_never_picks_triton_on_cpu(tiny_checkpoints):
+    assert Scorer.from_pretrained(tiny_checkpoints["llama"]).backend.name == "torch"
