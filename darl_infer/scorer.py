@@ -76,8 +76,9 @@ class Scorer:
         if backend not in BACKEND_CHOICES:
             raise ValueError(f"unknown backend {backend!r}; choose one of {list(BACKEND_CHOICES)}")
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        if backend == "auto":
-            backend = "torch"
+        if backend == "auto":  # the Triton kernels on CUDA when triton imports; never on CPU (interpreter only)
+            triton_ok = device.type == "cuda" and importlib.import_module("darl_infer.kernels._triton").HAS_TRITON
+            backend = "triton" if triton_ok else "torch"
         directory = resolve_checkpoint(name_or_path)
         spec = CheckpointSpec.load(directory)
         model, tokenizer = load_checkpoint_model(directory, spec, resolve_dtype(dtype, device), device)
