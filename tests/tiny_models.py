@@ -52,8 +52,10 @@ def make_checkpoint(directory: Path, arch: str, seed: int = 0, template: Templat
     config = tiny_config(arch, len(tokenizer))
     config.num_labels = 3
     model = AutoModelForSequenceClassification.from_config(config)
-    # random init gives near-uniform probabilities; a larger head makes differences visible
-    torch.nn.init.normal_(model.score.weight, std=1.0)
+    # HF's init (std 0.02) gives near-uniform probabilities that would hide errors; std 0.25 gives
+    # logits of std ~2 over the unit-RMS hidden state, the spread of a trained relevance head (bf16
+    # rounding noise in probabilities grows with logit size, so a larger head would test bf16 unfairly)
+    torch.nn.init.normal_(model.score.weight, std=0.25)
     directory.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
