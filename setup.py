@@ -25,5 +25,5 @@ setup(
         "train": [],
         "dev": ["pytest", "pytest-benchmark", "triton"],
     },
-    entry_points={"console_scripts": ["darl-infer=darl_infer.cli:main", "darl-train=darl_infer.training.cli:main"]},
+    entry_points={"console_scripts": ["darl-infer=darl_infer.cli:main", "darl-train=darl_infer.training.cli:main", "darl-eval=darl_infer.training.eval_cli:main"]},
 )

@@ -1,4 +1,4 @@
-"""Fine-tune a decoder LLM into a relevance checkpoint (plain cross-entropy; DaRL parts build on it).
+"""Fine-tune a decoder LLM into a DaRL relevance checkpoint: DaRL loss, DASA, multi-stage schedule.
 
 Efficient on a CPU by construction:
 - LoRA (Hu et al. 2021) on the top `lora_layers` decoder layers only, plus the score head. The
@@ -7,20 +7,23 @@ Efficient on a CPU by construction:
 - The instruction is the same for every pair: a batch runs it once and packs its pairs (query +
   item, no padding) against that one KV copy, the same shared-prefix attention used for serving.
   The token sequence of a pair is exactly the one `Template.encode` gives the Scorer.
+
+The whole schedule lives in one config (see training/configs/): the loss (loss.py), the DASA
+selection (dasa.py) and the stages (stages.py). Without `stages`, a run is one stage over the
+`train` sets (plus the DASA samples when `dasa` is set).
 """
 
 from __future__ import annotations
 
 import json
-import math
 import random
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
-import torch.nn.functional as F
 
 from darl_infer.base_models import base_model_dir
 from darl_infer.checkpoint import CheckpointSpec
@@ -28,19 +31,53 @@ from darl_infer.model import load_sequence_classifier
 from darl_infer.prefix_cache import PrefixRunner
 from darl_infer.template import Template
 
+from . import dasa as dasa_lib
 from .data import DataError, Pair, read_pairs
+from .features import pair_features
+from .loss import DaRLLoss, LossConfig, resolve_class_weights
+from .stages import StageConfig, batch_schedule, stage_pairs
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 @dataclass
+class DasaConfig:
+    pool: dict                        # {"path": ..., "limit": optional int}: the unlabeled pool
+    budget: int                       # pool labels to reveal
+    method: str = "dasa"              # "dasa" (OOD scores + k-center) or "random" (the control)
+    detectors: list[str] = field(default_factory=lambda: list(dasa_lib.DETECTORS))
+    id_bank: int = 600                # ID training pairs whose features define "in-distribution"
+    knn_k: int = 10
+    shrinkage: float = 0.1
+    candidate_factor: float = 3.0
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "DasaConfig":
+        unknown = set(d) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown dasa field(s) {sorted(unknown)}")
+        c = cls(**d)
+        if c.method not in ("dasa", "random"):
+            raise ValueError(f"dasa method must be 'dasa' or 'random', got {c.method!r}")
+        if c.budget < 0:
+            raise ValueError("dasa budget must be >= 0")
+        unknown_detectors = set(c.detectors) - set(dasa_lib.DETECTORS)
+        if unknown_detectors or not c.detectors:
+            raise ValueError(f"dasa detectors must be a non-empty subset of {list(dasa_lib.DETECTORS)}")
+        return c
+
+
+@dataclass
 class TrainConfig:
     base_model: str                   # registered base name or a local HF decoder folder
-    train: list[dict]                 # [{"path": ..., "limit": optional int}]
+    train: list[dict]                 # [{"path": ..., "limit": optional int}]: in-distribution data
     output_dir: str
     dev: list[dict] = field(default_factory=list)
     labels: list[str] = field(default_factory=lambda: ["irrelevant", "weak", "strong"])
     template: dict = field(default_factory=dict)
+    loss: dict = field(default_factory=dict)         # LossConfig fields; {} = plain cross-entropy
+    dasa: dict | None = None                         # DasaConfig fields; None = no pool samples
+    stages: list[dict] | None = None                 # StageConfig fields; None = one stage
     lora_rank: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.05
@@ -48,19 +85,31 @@ class TrainConfig:
     batch_size: int = 16
     lr: float = 3e-4
     weight_decay: float = 0.0
-    epochs: int = 1
+    epochs: float = 1
     warmup_steps: int = 20
-    time_budget_minutes: float | None = None  # stop cleanly when training reaches this
+    time_budget_minutes: float | None = None  # whole run (all stages); stops cleanly and saves
     seed: int = 0
     log_every: int = 20
 
     @classmethod
     def load(cls, path: str | Path) -> "TrainConfig":
-        d = json.loads(Path(path).read_text())
+        try:
+            d = json.loads(Path(path).read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
         unknown = set(d) - set(cls.__dataclass_fields__)
         if unknown:
             raise ValueError(f"{path}: unknown config field(s) {sorted(unknown)}")
         return cls(**d)
+
+    def stage_configs(self) -> list[StageConfig]:
+        if self.stages is None:
+            data = "id+dasa" if self.dasa else "id"
+            return [StageConfig(name="train", data=data, epochs=self.epochs)]
+        stages = [StageConfig.from_dict(s) for s in self.stages]
+        if any(s.needs_dasa for s in stages) and not self.dasa:
+            raise ValueError("a stage trains on 'dasa' data but the config has no 'dasa' section")
+        return stages
 
 
 def load_sets(specs: list[dict], num_labels: int, seed: int) -> list[Pair]:
@@ -70,111 +119,176 @@ def load_sets(specs: list[dict], num_labels: int, seed: int) -> list[Pair]:
     return pairs
 
 
-def train(config: TrainConfig) -> Path:
-    from peft import LoraConfig, get_peft_model
+class Trainee:
+    """The model being trained: PEFT LoRA model, its shared-prefix runner, head and encoder."""
 
+    def __init__(self, config: TrainConfig, template: Template, num_labels: int):
+        from peft import LoraConfig, get_peft_model
+        from transformers import AutoTokenizer
+
+        base_dir = base_model_dir(config.base_model)
+        model = load_sequence_classifier(base_dir, num_labels, torch.float32)
+        self.encoder = template.encoder(AutoTokenizer.from_pretrained(str(base_dir)))
+        n_layers = model.config.num_hidden_layers
+        top = list(range(max(0, n_layers - config.lora_layers), n_layers))
+        lora = LoraConfig(
+            r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+            target_modules=LORA_TARGETS, layers_to_transform=top, layers_pattern="layers",
+            modules_to_save=["score"], task_type="SEQ_CLS",
+        )
+        self.peft_model = get_peft_model(model, lora)
+        self.inner = self.peft_model.base_model.model
+        self.runner = PrefixRunner(getattr(self.inner, self.inner.base_model_prefix))
+        self.instruction = torch.tensor(self.encoder.instruction, dtype=torch.long)
+
+    def pair_ids(self, p: Pair) -> list[int]:
+        """A pair's tokens after the shared instruction, exactly as the Scorer encodes them."""
+        enc = self.encoder.encode(p.query, [p.item])
+        return enc.prefix[enc.instruction_len :] + enc.suffixes[0]
+
+    def features(self, pairs: list[tuple[str, str]]) -> tuple[np.ndarray, np.ndarray]:
+        self.peft_model.eval()
+        try:
+            return pair_features(self.runner, self.inner.score, self.encoder, pairs)
+        finally:
+            self.peft_model.train()
+
+
+def run_dasa(trainee: Trainee, cfg: DasaConfig, id_pairs: list[Pair], num_labels: int, seed: int) -> tuple[list[Pair], dict]:
+    """Select `cfg.budget` pool samples and reveal only their labels."""
+    started = time.time()
+    pool = dasa_lib.read_pool(cfg.pool["path"], num_labels, limit=cfg.pool.get("limit"), seed=seed)
+    summary: dict = {"method": cfg.method, "budget": cfg.budget, "pool_size": len(pool)}
+    if cfg.method == "random":
+        chosen = dasa_lib.select_random(len(pool), cfg.budget, seed)
+    else:
+        bank = random.Random(seed).sample(id_pairs, min(cfg.id_bank, len(id_pairs)))
+        id_hidden, _ = trainee.features([(p.query, p.item) for p in bank])
+        pool_hidden, pool_logits = trainee.features(list(zip(pool.queries, pool.items)))
+        detector = dasa_lib.OODDetector.fit(id_hidden, np.array([p.label for p in bank]), num_labels, cfg.knn_k, cfg.shrinkage)
+        scores = detector.scores(pool_hidden, pool_logits, cfg.detectors)
+        combined = dasa_lib.rank_average(scores)
+        chosen = dasa_lib.select(combined, pool_hidden, cfg.budget, id_hidden, cfg.candidate_factor)
+        summary["mean_rank_score"] = {"selected": float(combined[chosen].mean()), "pool": float(combined.mean())}
+        summary["id_bank"] = len(bank)
+    selected = pool.reveal(chosen)
+    summary["selected"] = len(selected)
+    summary["revealed_labels"] = len(pool.revealed)
+    summary["selected_label_counts"] = np.bincount([p.label for p in selected], minlength=num_labels).tolist()
+    summary["seconds"] = round(time.time() - started, 1)
+    return selected, summary
+
+
+def train(config: TrainConfig) -> Path:
     random.seed(config.seed)
     torch.manual_seed(config.seed)
     num_labels = len(config.labels)
-    train_pairs = load_sets(config.train, num_labels, config.seed)
-    if not train_pairs:
+    loss_cfg = LossConfig.from_dict(config.loss)
+    dasa_cfg = DasaConfig.from_dict(config.dasa) if config.dasa else None
+    stages = config.stage_configs()
+    id_pairs = load_sets(config.train, num_labels, config.seed)
+    if not id_pairs:
         raise DataError("empty training set")
     dev_sets = {spec["path"]: read_pairs(spec["path"], num_labels, spec.get("limit"), config.seed) for spec in config.dev}
 
     template = Template.from_dict(config.template)
-    base_dir = base_model_dir(config.base_model)
-    model = load_sequence_classifier(base_dir, num_labels, torch.float32)
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(str(base_dir))
-    encoder = template.encoder(tokenizer)
-    n_layers = model.config.num_hidden_layers
-    top = list(range(max(0, n_layers - config.lora_layers), n_layers))
-    lora = LoraConfig(
-        r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-        target_modules=LORA_TARGETS, layers_to_transform=top, layers_pattern="layers",
-        modules_to_save=["score"], task_type="SEQ_CLS",
-    )
-    peft_model = get_peft_model(model, lora)
-    inner = peft_model.base_model.model
-    runner = PrefixRunner(getattr(inner, inner.base_model_prefix))
-
-    # each pair as instruction (shared) + the rest of its template tokens
-    def pair_ids(p: Pair) -> list[int]:
-        enc = encoder.encode(p.query, [p.item])
-        return enc.prefix[enc.instruction_len :] + enc.suffixes[0]
-
-    sequences = [pair_ids(p) for p in train_pairs]
-    labels = torch.tensor([p.label for p in train_pairs])
-    instruction = torch.tensor(encoder.instruction, dtype=torch.long)
-
-    steps_per_epoch = math.ceil(len(train_pairs) / config.batch_size)
-    total_steps = steps_per_epoch * config.epochs
+    trainee = Trainee(config, template, num_labels)
+    peft_model, inner, runner, instruction = trainee.peft_model, trainee.inner, trainee.runner, trainee.instruction
     params = [p for p in peft_model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / max(1, config.warmup_steps)) * max(0.0, 1 - s / total_steps)
-    )
-    peft_model.train()
-    started, step, tokens, losses = time.time(), 0, 0, []
+    deadline = None if config.time_budget_minutes is None else time.time() + 60 * config.time_budget_minutes
+
+    started, step, tokens, pairs_seen, losses = time.time(), 0, 0, 0, []
+    dasa_pairs, dasa_summary, stage_log = None, None, []
     stopped_early = False
-    for epoch in range(config.epochs):
-        order = list(range(len(train_pairs)))
-        random.Random(config.seed + epoch).shuffle(order)
-        for b in range(0, len(order), config.batch_size):
-            batch = order[b : b + config.batch_size]
+    peft_model.train()
+    for s, stage in enumerate(stages):
+        if stage.needs_dasa and dasa_pairs is None:
+            dasa_pairs, dasa_summary = run_dasa(trainee, dasa_cfg, id_pairs, num_labels, config.seed)
+            print(f"dasa: {json.dumps(dasa_summary)}", flush=True)
+        pairs = stage_pairs(stage, id_pairs, dasa_pairs or [], config.seed + 1000 * s)
+        if not pairs:
+            raise DataError(f"stage {stage.name!r}: no training pairs")
+        sequences = [trainee.pair_ids(p) for p in pairs]
+        labels = torch.tensor([p.label for p in pairs])
+        loss_fn = DaRLLoss(loss_cfg, resolve_class_weights(loss_cfg, labels.tolist(), num_labels))
+        batches = batch_schedule(len(pairs), config.batch_size, stage.steps, stage.epochs, config.seed + 1000 * s)
+        total = len(batches)
+        warmup = config.warmup_steps if stage.warmup_steps is None else stage.warmup_steps
+        optimizer = torch.optim.AdamW(params, lr=stage.lr or config.lr, weight_decay=config.weight_decay)
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda i: min(1.0, (i + 1) / max(1, warmup)) * max(0.0, 1 - i / total)
+        )
+        stage_started, stage_steps = time.time(), 0
+        for batch in batches:
             cache = runner.prefix(instruction)
             hidden = runner.items(cache, [torch.tensor(sequences[i]) for i in batch])
-            loss = F.cross_entropy(inner.score(hidden).float(), labels[batch])
+            loss = loss_fn(inner.score(hidden).float(), labels[batch])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
             schedule.step()
             step += 1
+            stage_steps += 1
+            pairs_seen += len(batch)
             tokens += sum(len(sequences[i]) for i in batch)
             losses.append(loss.item())
-            elapsed = time.time() - started
             if step % config.log_every == 0:
+                elapsed = time.time() - stage_started
                 recent = sum(losses[-config.log_every :]) / len(losses[-config.log_every :])
-                eta = elapsed / step * (total_steps - step) / 60
-                print(f"step {step}/{total_steps} loss {recent:.4f} {tokens / elapsed:.0f} tok/s eta {eta:.1f} min", flush=True)
-            if config.time_budget_minutes is not None and elapsed > 60 * config.time_budget_minutes:
+                eta = elapsed / stage_steps * (total - stage_steps) / 60
+                print(f"[{stage.name}] step {stage_steps}/{total} loss {recent:.4f} "
+                      f"{tokens / (time.time() - started):.0f} tok/s stage eta {eta:.1f} min", flush=True)
+            if deadline is not None and time.time() > deadline:
                 stopped_early = True
                 break
+        stage_log.append({**stage.to_dict(), "pairs": len(pairs), "steps_run": stage_steps, "steps_planned": total,
+                          "seconds": round(time.time() - stage_started, 1)})
         if stopped_early:
             break
     train_seconds = time.time() - started
 
+    training = {
+        "config": asdict(config),
+        "loss": loss_cfg.to_dict(),
+        "stages": stage_log,
+        "dasa": dasa_summary,
+        "steps": step,
+        "stopped_by_time_budget": stopped_early,
+        "pairs_seen": pairs_seen,
+        "train_pairs": len(id_pairs),
+        "train_seconds": round(train_seconds, 1),
+        "final_loss": sum(losses[-50:]) / max(1, len(losses[-50:])),
+    }
+    return save_checkpoint(config, trainee, template, training, dev_sets)
+
+
+def save_checkpoint(config: TrainConfig, trainee: Trainee, template: Template, training: dict, dev_sets: dict) -> Path:
+    """Write into `<output>.partial`, then rename: a checkpoint appears whole or not at all."""
     output = Path(config.output_dir)
     partial = output.with_name(output.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
-    peft_model.save_pretrained(str(partial))
-    spec = CheckpointSpec(
-        labels=config.labels,
-        template=template,
-        base_model=config.base_model,
-        training={
-            "config": asdict(config),
-            "steps": step,
-            "total_steps": total_steps,
-            "stopped_by_time_budget": stopped_early,
-            "pairs_seen": min(step * config.batch_size, len(train_pairs) * config.epochs),
-            "train_pairs": len(train_pairs),
-            "train_seconds": round(train_seconds, 1),
-            "final_loss": sum(losses[-50:]) / max(1, len(losses[-50:])),
-        },
-    )
-    spec.save(partial)
-    if dev_sets:
-        from darl_infer import Scorer
-
-        from .evaluate import evaluate_pairs
-
-        scorer = Scorer.from_pretrained(partial, backend="torch")
-        spec.evaluation = {path: evaluate_pairs(scorer, pairs) for path, pairs in dev_sets.items()}
+    try:
+        trainee.peft_model.save_pretrained(str(partial))
+        spec = CheckpointSpec(labels=config.labels, template=template, base_model=config.base_model, training=training)
         spec.save(partial)
-    (partial / "train_config.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
-    shutil.rmtree(output, ignore_errors=True)
-    partial.rename(output)  # a checkpoint appears whole or not at all
+        if dev_sets:
+            from darl_infer import Scorer
+
+            from .evaluate import evaluate_pairs
+
+            scorer = Scorer.from_pretrained(partial, backend="torch")
+            spec.evaluation = {path: evaluate_pairs(scorer, pairs) for path, pairs in dev_sets.items()}
+            spec.save(partial)
+        (partial / "train_config.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
+        (partial / "metrics.json").write_text(json.dumps(spec.evaluation, indent=2) + "\n")
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    previous = output.with_name(output.name + ".previous")
+    shutil.rmtree(previous, ignore_errors=True)
+    if output.exists():
+        output.rename(previous)
+    partial.rename(output)
+    shutil.rmtree(previous, ignore_errors=True)
     return output

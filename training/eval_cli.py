@@ -1,0 +1,48 @@
+"""`darl-eval [--checkpoint DIR] --data FILE.jsonl [--data ...]`: metrics of a checkpoint through the Scorer.
+
+Prints one JSON object keyed by each file's path, with accuracy, macro_f1, per_grade_f1, ece
+(15 bins), ndcg@10 (averaged over queries) and n. Without --checkpoint: the embedded default model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .data import DataError, read_pairs
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="darl-eval", description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", default=None, help="checkpoint directory (default: the embedded default model)")
+    parser.add_argument("--data", action="append", required=True, help="labelled JSONL file; repeat for several")
+    parser.add_argument("--limit", type=int, default=None, help="evaluate a seeded random sample of this many pairs per file")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--backend", default="auto", help="Scorer backend (default: auto)")
+    args = parser.parse_args(argv)
+
+    from darl_infer import Scorer
+    from darl_infer.checkpoint import CheckpointError
+
+    from .evaluate import evaluate_pairs
+
+    try:
+        # syntax first (fast, before loading a model); the label range once the checkpoint says K
+        sets = {path: read_pairs(path, num_labels=sys.maxsize, limit=args.limit, seed=args.seed) for path in args.data}
+        scorer = Scorer.from_pretrained(args.checkpoint, backend=args.backend)
+        num_labels = len(scorer.labels)
+        for path, pairs in sets.items():
+            bad = next((p for p in pairs if p.label >= num_labels), None)
+            if bad is not None:
+                raise DataError(f"{path}: label {bad.label} is not an integer in 0..{num_labels - 1} (the checkpoint's grades)")
+    except (DataError, CheckpointError) as e:
+        print(f"darl-eval: error: {e}", file=sys.stderr)
+        return 2
+    json.dump({path: evaluate_pairs(scorer, pairs) for path, pairs in sets.items()}, sys.stdout, indent=2)
+    print()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
