@@ -7,6 +7,7 @@ import re
 
 import numpy as np
 import pytest
+import torch
 
 from darl_infer import Scorer
 from darl_infer.training import cli as train_cli, eval_cli, train as train_module
@@ -215,3 +216,36 @@ def test_interrupted_run_leaves_no_half_written_checkpoint(base, data, tmp_path,
     assert sorted(p.name for p in out.iterdir()) == before
     assert (out / "adapter_model.safetensors").read_bytes() == weights
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+@pytest.mark.parametrize("arch", ["gemma3", "qwen2"])
+def test_frozen_layer_cache_gives_the_same_features_as_the_full_model(arch, data, tmp_path):
+    from darl_infer.template import Template
+    from darl_infer.training.train import Trainee
+
+    base = make_checkpoint(tmp_path / arch, arch)  # gemma3: sliding-window and full layers on both sides of the split
+    template = Template(instruction="w1 w2 w3 w4 w5 : w6 w7", max_item_tokens=64)
+    pairs = [(p.query, p.item) for p in read_pairs(data["dev"])]
+    full = Trainee(config(base, data, tmp_path / "o", lora_layers=2), template, 3)
+    cached = Trainee(config(base, data, tmp_path / "o", lora_layers=2, frozen_cache=str(tmp_path / "cache")), template, 3)
+    for p in full.peft_model.parameters():  # LoRA B starts at zero: make the adapters matter
+        if p.requires_grad:
+            torch.nn.init.normal_(p, std=0.05)
+    cached.peft_model.load_state_dict(full.peft_model.state_dict())
+    h_full, logits_full = full.features(pairs)   # Scorer layout: instruction + query as prefix
+    h_cached, logits_cached = cached.features(pairs)  # training layout, top layers on cached states
+    assert np.abs(h_full - h_cached).max() < 1e-4
+    assert np.abs(logits_full - logits_cached).max() < 1e-5 * max(1.0, np.abs(logits_full).max())
+    assert np.abs(logits_full).max() > 0.1
+
+
+def test_training_with_the_frozen_cache_matches_the_scorer(base, data, tmp_path):
+    cache = tmp_path / "cache"
+    ckpt = train(darl_config(base, data, tmp_path / "ckpt", frozen_cache=str(cache), lora_layers=2,
+                             stages=[{"name": "id", "steps": 8}, {"name": "ood", "data": "dasa", "replay": 0.5, "steps": 3}]))
+    stored = json.loads((ckpt / "darl.json").read_text())["evaluation"][str(data["dev"])]
+    fresh = evaluate_pairs(Scorer.from_pretrained(ckpt, backend="torch"), read_pairs(data["dev"]))
+    for key in ("accuracy", "macro_f1", "ndcg@10"):
+        assert fresh[key] == pytest.approx(stored[key], abs=1e-6)
+    assert fresh["ece"] == pytest.approx(stored["ece"], abs=1e-4)
+    assert any(cache.glob("*.pt"))

@@ -34,6 +34,8 @@ from darl_infer.template import Template
 from . import dasa as dasa_lib
 from .data import DataError, Pair, read_pairs
 from .features import pair_features
+from .frozen_cache import FrozenSplit, StateStore
+from .metrics import relevance_metrics
 from .loss import DaRLLoss, LossConfig, resolve_class_weights
 from .stages import StageConfig, batch_schedule, stage_pairs
 
@@ -88,6 +90,7 @@ class TrainConfig:
     epochs: float = 1
     warmup_steps: int = 20
     time_budget_minutes: float | None = None  # whole run (all stages); stops cleanly and saves
+    frozen_cache: str | None = None   # directory: run the frozen layers once per pair (frozen_cache.py)
     seed: int = 0
     log_every: int = 20
 
@@ -140,18 +143,43 @@ class Trainee:
         self.inner = self.peft_model.base_model.model
         self.runner = PrefixRunner(getattr(self.inner, self.inner.base_model_prefix))
         self.instruction = torch.tensor(self.encoder.instruction, dtype=torch.long)
+        self.frozen = self.store = None
+        if config.frozen_cache:
+            self.frozen = FrozenSplit(self.runner.decoder, top[0])
+            self.store = StateStore(config.frozen_cache, config.base_model, top[0])
 
     def pair_ids(self, p: Pair) -> list[int]:
         """A pair's tokens after the shared instruction, exactly as the Scorer encodes them."""
         enc = self.encoder.encode(p.query, [p.item])
         return enc.prefix[enc.instruction_len :] + enc.suffixes[0]
 
+    def frozen_states(self, pairs: list[Pair]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Bottom-layer states of the shared instruction and of each pair (computed once, on disk)."""
+        return self.store.get(self.frozen, self.instruction, [self.pair_ids(p) for p in pairs])
+
+    def top_hidden(self, instruction_states: torch.Tensor, pair_states: list[torch.Tensor]) -> torch.Tensor:
+        return self.frozen.top_items(self.frozen.top_prefix(instruction_states), pair_states)
+
     def features(self, pairs: list[tuple[str, str]]) -> tuple[np.ndarray, np.ndarray]:
+        """(last-token hidden state, logits) of each pair, with the model as it is now."""
         self.peft_model.eval()
         try:
-            return pair_features(self.runner, self.inner.score, self.encoder, pairs)
+            if self.frozen is None:
+                return pair_features(self.runner, self.inner.score, self.encoder, pairs)
+            with torch.no_grad():
+                instruction_states, states = self.frozen_states([Pair(q, i, 0) for q, i in pairs])
+                cache = self.frozen.top_prefix(instruction_states)
+                hidden = torch.cat([self.frozen.top_items(cache, states[b : b + 32]) for b in range(0, len(states), 32)])
+                return hidden.numpy(), self.inner.score(hidden).float().numpy()
         finally:
             self.peft_model.train()
+
+    def evaluate(self, pairs: list[Pair], grade_values: list[float]) -> dict:
+        """Dev metrics from the in-memory model (the frozen-cache path; the Scorer gives the same)."""
+        _, logits = self.features([(p.query, p.item) for p in pairs])
+        probs = torch.tensor(logits).softmax(-1).numpy()
+        scores = probs @ np.array(grade_values, dtype=np.float32)
+        return relevance_metrics(probs, scores, np.array([p.label for p in pairs]), [p.query for p in pairs])
 
 
 def run_dasa(trainee: Trainee, cfg: DasaConfig, id_pairs: list[Pair], num_labels: int, seed: int) -> tuple[list[Pair], dict]:
@@ -209,6 +237,8 @@ def train(config: TrainConfig) -> Path:
         if not pairs:
             raise DataError(f"stage {stage.name!r}: no training pairs")
         sequences = [trainee.pair_ids(p) for p in pairs]
+        if trainee.frozen is not None:
+            instruction_states, pair_states = trainee.frozen_states(pairs)
         labels = torch.tensor([p.label for p in pairs])
         loss_fn = DaRLLoss(loss_cfg, resolve_class_weights(loss_cfg, labels.tolist(), num_labels))
         batches = batch_schedule(len(pairs), config.batch_size, stage.steps, stage.epochs, config.seed + 1000 * s)
@@ -220,8 +250,11 @@ def train(config: TrainConfig) -> Path:
         )
         stage_started, stage_steps = time.time(), 0
         for batch in batches:
-            cache = runner.prefix(instruction)
-            hidden = runner.items(cache, [torch.tensor(sequences[i]) for i in batch])
+            if trainee.frozen is None:
+                cache = runner.prefix(instruction)
+                hidden = runner.items(cache, [torch.tensor(sequences[i]) for i in batch])
+            else:
+                hidden = trainee.top_hidden(instruction_states, [pair_states[i] for i in batch])
             loss = loss_fn(inner.score(hidden).float(), labels[batch])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -272,13 +305,18 @@ def save_checkpoint(config: TrainConfig, trainee: Trainee, template: Template, t
         trainee.peft_model.save_pretrained(str(partial))
         spec = CheckpointSpec(labels=config.labels, template=template, base_model=config.base_model, training=training)
         spec.save(partial)
-        if dev_sets:
+        if dev_sets and trainee.frozen is not None:
+            spec.evaluation = {path: trainee.evaluate(pairs, spec.grade_values) for path, pairs in dev_sets.items()}
+            spec.training["evaluated_with"] = "in-memory model, frozen-layer cache (exact; darl-eval gives the same)"
+            spec.save(partial)
+        elif dev_sets:
             from darl_infer import Scorer
 
             from .evaluate import evaluate_pairs
 
             scorer = Scorer.from_pretrained(partial, backend="torch")
             spec.evaluation = {path: evaluate_pairs(scorer, pairs) for path, pairs in dev_sets.items()}
+            spec.training["evaluated_with"] = "Scorer (torch backend)"
             spec.save(partial)
         (partial / "train_config.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
         (partial / "metrics.json").write_text(json.dumps(spec.evaluation, indent=2) + "\n")

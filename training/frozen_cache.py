@@ -1,0 +1,123 @@
+"""Run the frozen lower layers once per pair and keep their output: every later pass (training
+steps, DASA features, dev metrics) only runs the top layers, the ones that carry LoRA.
+
+Exact, not an approximation: the layers below `split` have no trainable parameter, so their
+output for a pair never changes during training. A pair is laid out as in training (the shared
+instruction as prefix, query + item packed after it); in a causal model a token's state does not
+depend on whether it sits in the prefix or in the item part, so the Scorer's layout (instruction
++ query as prefix) gives the same numbers (tests/test_training.py checks both against each other).
+
+Costs (gemma3-270m, 18 layers, LoRA on the top 6): a training step costs forward(6) + backward(6)
+instead of forward(18) + backward(6), an evaluation or DASA pass 6 layers instead of 18, and the
+cache is computed once and shared by every run with the same base, split, template and data.
+
+How: the decoder's layer list (and `config.layer_types`, which HF models index by position) is
+temporarily sliced, and the slice runs on hidden states through the same shared-prefix attention
+as serving (darl_infer.prefix_cache).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from darl_infer.prefix_cache import PrefixRunner, SharedPrefixCache, _activate
+
+
+@contextlib.contextmanager
+def layer_slice(decoder: torch.nn.Module, start: int, stop: int | None = None, norm: bool = True):
+    """Within the block, `decoder` runs only layers[start:stop] (and skips its final norm if not `norm`)."""
+    layers, final_norm = decoder.layers, decoder.norm
+    layer_types = getattr(decoder.config, "layer_types", None)
+    decoder.layers = torch.nn.ModuleList(list(layers)[start:stop])
+    if layer_types is not None:
+        decoder.config.layer_types = list(layer_types)[start:stop]
+    if not norm:
+        decoder.norm = torch.nn.Identity()
+    try:
+        yield
+    finally:
+        decoder.layers, decoder.norm = layers, final_norm
+        if layer_types is not None:
+            decoder.config.layer_types = layer_types
+
+
+class FrozenSplit:
+    """Bottom layers [0, split) computed once per pair; top layers [split, L) run on their output."""
+
+    def __init__(self, decoder: torch.nn.Module, split: int):
+        self.decoder = decoder
+        self.split = split
+        self.runner = PrefixRunner(decoder)  # bottom passes: plain token ids in, hidden states out
+
+    @torch.no_grad()
+    def bottom(self, instruction: torch.Tensor, sequences: list[list[int]], pairs_per_pass: int = 32):
+        """(instruction states (P, H), [pair states (T_i, H)]) after the frozen layers."""
+        with layer_slice(self.decoder, 0, self.split, norm=False):
+            empty = self.runner.prefix(instruction[:0])
+            instruction_states, _ = self.runner.packed(empty, [instruction])
+            cache = self.runner.prefix(instruction)
+            states = []
+            for start in range(0, len(sequences), pairs_per_pass):
+                part = [torch.tensor(s, dtype=torch.long) for s in sequences[start : start + pairs_per_pass]]
+                hidden, cu = self.runner.packed(cache, part)
+                states += [hidden[cu[i] : cu[i + 1]].clone() for i in range(len(part))]
+        return instruction_states.clone(), states
+
+    def top_prefix(self, instruction_states: torch.Tensor) -> SharedPrefixCache:
+        P = instruction_states.shape[0]
+        cache = SharedPrefixCache(torch.tensor([0, P]), recording=True, length=P, attention_op=self.runner.attention_op)
+        with layer_slice(self.decoder, self.split), _activate(cache):
+            self.decoder(inputs_embeds=instruction_states[None], position_ids=torch.arange(P)[None], use_cache=False)
+        cache.recording = False
+        return cache
+
+    def top_items(self, cache: SharedPrefixCache, pair_states: list[torch.Tensor]) -> torch.Tensor:
+        """Final-normed hidden state at each pair's last token, (N, H)."""
+        lengths = torch.tensor([s.shape[0] for s in pair_states])
+        cu = torch.zeros(len(pair_states) + 1, dtype=torch.long)
+        cu[1:] = lengths.cumsum(0)
+        positions = cache.length + torch.arange(int(cu[-1])) - torch.repeat_interleave(cu[:-1], lengths)
+        cache.cu_seqlens = cu
+        with layer_slice(self.decoder, self.split), _activate(cache):
+            out = self.decoder(inputs_embeds=torch.cat(pair_states)[None], position_ids=positions[None], use_cache=False)
+        return out.last_hidden_state[0][cu[1:] - 1]
+
+
+class StateStore:
+    """Bottom-layer states of pair sequences: in memory by sequence, on disk by a content hash of
+    each requested list (written atomically), so runs with the same data share one computation."""
+
+    def __init__(self, directory: str | Path, base_model: str, split: int):
+        self.directory = Path(directory)
+        self.base_model = base_model
+        self.split = split
+        self.memory: dict[tuple[int, ...], torch.Tensor] = {}
+        self.instruction_states: torch.Tensor | None = None
+
+    def key(self, instruction: torch.Tensor, sequences: list[list[int]]) -> str:
+        h = hashlib.sha256(json.dumps([self.base_model, self.split, instruction.tolist(), sequences]).encode())
+        return h.hexdigest()[:24]
+
+    def get(self, frozen: FrozenSplit, instruction: torch.Tensor, sequences: list[list[int]]):
+        missing = sorted({tuple(s) for s in sequences if tuple(s) not in self.memory})
+        if missing or self.instruction_states is None:
+            path = self.directory / f"{self.key(instruction, sequences)}.pt"
+            if path.is_file():
+                data = torch.load(path, weights_only=True)
+                self.instruction_states = data["instruction"]
+                self.memory.update(zip(map(tuple, data["sequences"]), data["pairs"]))
+            else:
+                self.instruction_states, states = frozen.bottom(instruction, [list(s) for s in missing])
+                self.memory.update(zip(missing, states))
+                self.directory.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_suffix(f".tmp{os.getpid()}")
+                torch.save({"instruction": self.instruction_states, "sequences": sequences,
+                            "pairs": [self.memory[tuple(s)] for s in sequences]}, tmp)
+                tmp.rename(path)
+        return self.instruction_states, [self.memory[tuple(s)] for s in sequences]
