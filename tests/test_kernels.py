@@ -19,6 +19,7 @@ if DEVICE == "cpu" and HAS_TRITON and not INTERPRETED:
 
 # (query heads, KV heads, head dim)
 HEAD_LAYOUTS = {"smollm2": (9, 3, 64), "gemma3": (4, 1, 256)}
+ODD_HEAD_DIM = {"head_dim_80": (4, 2, 80)}  # not a power of two (Phi-style): masked columns
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-2, torch.bfloat16: 2e-2}
 ITEM_LENGTHS = {
     1: [64],
@@ -29,7 +30,7 @@ ITEM_LENGTHS = {
 
 
 def attention_inputs(prefix_len, lengths, layout, dtype, seed=0):
-    H, Hkv, D = HEAD_LAYOUTS[layout]
+    H, Hkv, D = {**HEAD_LAYOUTS, **ODD_HEAD_DIM}[layout]
     T = sum(lengths)
     g = torch.Generator().manual_seed(seed)
     rand = lambda *shape: torch.randn(*shape, generator=g).to(device=DEVICE, dtype=dtype)  # noqa: E731
@@ -68,6 +69,10 @@ def test_attention_half_precision(dtype, layout):
 def test_attention_sliding_window(prefix_len, window, layout):
     # 8: items see only part of their own keys; 40: most of the prefix is out of every window
     assert_attention_matches(prefix_len, ITEM_LENGTHS[3], layout, torch.float32, sliding_window=window)
+
+
+def test_attention_head_dim_not_power_of_two():
+    assert_attention_matches(37, ITEM_LENGTHS[3], "head_dim_80", torch.float32)
 
 
 def test_attention_takes_hf_strided_views():
