@@ -225,6 +225,12 @@ def train(config: TrainConfig) -> Path:
     params = [p for p in peft_model.parameters() if p.requires_grad]
     deadline = None if config.time_budget_minutes is None else time.time() + 60 * config.time_budget_minutes
 
+    if trainee.frozen is not None:  # the ID set's states, shared by every stage (and every run on this data)
+        cache_started = time.time()
+        for pairs in [id_pairs, *dev_sets.values()]:
+            trainee.frozen_states(pairs)
+        print(f"frozen-layer states of the ID and dev pairs ready in {time.time() - cache_started:.0f} s", flush=True)
+
     started, step, tokens, pairs_seen, losses = time.time(), 0, 0, 0, []
     dasa_pairs, dasa_summary, stage_log = None, None, []
     stopped_early = False
