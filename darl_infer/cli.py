@@ -78,6 +78,18 @@ def cmd_score(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from .onnx_export import export
+
+    section = export(
+        None if args.checkpoint == "default" else args.checkpoint, args.out_dir,
+        optimize=not args.no_optimize, int8=args.int8,
+    )
+    print(f"exported to {args.out_dir}: {', '.join(section['files'])}")
+    print(f"check against the reference backend: max |Δprob| {section['check_max_abs_prob_diff']:.2e}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="darl-infer", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -93,6 +105,12 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--buffer", type=int, default=4096, help="pairs held in memory at once")
     _add_model_args(score)
     score.set_defaults(func=cmd_score)
+    export = sub.add_parser("export", help="export a checkpoint to ONNX graphs for the onnx backend")
+    export.add_argument("checkpoint", help="checkpoint directory, or 'default' for the embedded default model")
+    export.add_argument("out_dir", help="new directory for prefix.onnx, items.onnx, tokenizer and darl.json")
+    export.add_argument("--int8", action="store_true", help="dynamic int8 quantization of the weights")
+    export.add_argument("--no-optimize", action="store_true", help="skip ONNX Runtime's transformer optimizer")
+    export.set_defaults(func=cmd_export)
     return parser
 
 

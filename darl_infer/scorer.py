@@ -14,6 +14,7 @@ import torch
 
 from .checkpoint import CheckpointError, CheckpointSpec
 from .model import load_checkpoint_model, resolve_dtype
+from .onnx_export import is_onnx_export
 from .template import check_text
 
 DEFAULT_MODEL_DIR = Path(__file__).parent / "default_model"
@@ -75,14 +76,31 @@ class Scorer:
         """Load a checkpoint directory; `None` (or "default") loads the embedded default model."""
         if backend not in BACKEND_CHOICES:
             raise ValueError(f"unknown backend {backend!r}; choose one of {list(BACKEND_CHOICES)}")
+        directory = resolve_checkpoint(name_or_path)
+        if is_onnx_export(directory) or backend == "onnx":
+            return cls._from_onnx_export(directory, backend, dtype, device, **backend_options)
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if backend == "auto":  # the Triton kernels on CUDA when triton imports; never on CPU (interpreter only)
             triton_ok = device.type == "cuda" and importlib.import_module("darl_infer.kernels._triton").HAS_TRITON
             backend = "triton" if triton_ok else "torch"
-        directory = resolve_checkpoint(name_or_path)
         spec = CheckpointSpec.load(directory)
         model, tokenizer = load_checkpoint_model(directory, spec, resolve_dtype(dtype, device), device)
         return cls(model, tokenizer, spec, backend=backend, **backend_options)
+
+    @classmethod
+    def _from_onnx_export(cls, directory: Path, backend: str, dtype, device, **backend_options) -> "Scorer":
+        if backend not in ("auto", "onnx"):
+            raise ValueError(f"{directory} is an ONNX export: load it with backend='onnx' (or 'auto'), not {backend!r}")
+        if dtype not in ("auto", "fp32", torch.float32):
+            raise ValueError(f"an ONNX export runs in the precision it was exported in; dtype must be 'auto' or 'fp32', not {dtype!r}")
+        from transformers import AutoTokenizer
+
+        from .onnx_backend import OnnxExport
+
+        export = OnnxExport.load(directory)  # before the tokenizer: names a missing or altered file
+        spec = CheckpointSpec.load(directory)
+        tokenizer = AutoTokenizer.from_pretrained(str(directory))
+        return cls(export, tokenizer, spec, backend="onnx", device=device, **backend_options)
 
     @property
     def labels(self) -> list[str]:
