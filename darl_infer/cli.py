@@ -81,10 +81,7 @@ def cmd_score(args) -> int:
 def cmd_export(args) -> int:
     from .onnx_export import export
 
-    section = export(
-        None if args.checkpoint == "default" else args.checkpoint, args.out_dir,
-        optimize=not args.no_optimize, int8=args.int8,
-    )
+    section = export(args.checkpoint, args.out_dir, optimize=not args.no_optimize, int8=args.int8)
     print(f"exported to {args.out_dir}: {', '.join(section['files'])}")
     print(f"check against the reference backend: max |Δprob| {section['check_max_abs_prob_diff']:.2e}")
     return 0

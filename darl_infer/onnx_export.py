@@ -94,7 +94,7 @@ def padded_shared_prefix_attention(
 
 @dataclass
 class _ExportState:
-    """Per forward pass: the prefix pass appends each layer's K/V; the items pass reads them."""
+    """Per forward pass: the prefix pass records each layer's K/V; the items pass reads them."""
 
     prefix_k: torch.Tensor | None = None  # (layers, P, Hkv, D)
     prefix_v: torch.Tensor | None = None
@@ -180,9 +180,10 @@ def sha256(path: Path) -> str:
 def is_onnx_export(directory: Path) -> bool:
     """An export is a checkpoint directory whose darl.json carries an "onnx" section."""
     try:
-        return "onnx" in json.loads((Path(directory) / SPEC_FILE).read_text())
-    except (OSError, ValueError, TypeError):
+        spec = json.loads((Path(directory) / SPEC_FILE).read_text())
+    except (OSError, ValueError):
         return False
+    return isinstance(spec, dict) and "onnx" in spec
 
 
 # Tracing inputs: at least 2 prefix tokens, 2 items and 2 item tokens, so no axis is traced as 1.
