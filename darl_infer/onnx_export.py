@@ -243,11 +243,15 @@ def optimize_graph(path: Path, num_heads: int, hidden_size: int) -> list[str]:
 
 def quantize_graph(path: Path) -> None:
     """Dynamic int8 (weights int8 ahead of time, activations quantized per batch), in place."""
+    import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     fp32 = path.with_name(path.stem + ".fp32.onnx")
     path.rename(fp32)
-    quantize_dynamic(str(fp32), str(path), weight_type=QuantType.QInt8)
+    # ONNX shape inference cannot type the outputs of the optimizer's com.microsoft ops; every
+    # tensor the quantizer asks about (MatMul outputs) is float
+    options = {"DefaultTensorType": onnx.TensorProto.FLOAT}
+    quantize_dynamic(str(fp32), str(path), weight_type=QuantType.QInt8, extra_options=options)
     fp32.unlink()
 
 
