@@ -24,6 +24,8 @@ setup(
         "gpu": ["triton"],
         "train": [],
         "dev": ["pytest", "pytest-benchmark", "triton"],
+        # bench/: the latency suite and compare.py's peers (optimum needs its own venv, see bench/RESULTS.md)
+        "bench": ["pytest", "pytest-benchmark", "sentence-transformers>=6", "onnx", "onnxruntime"],
     },
     entry_points={"console_scripts": ["darl-infer=darl_infer.cli:main", "darl-train=darl_infer.training.cli:main", "darl-eval=darl_infer.training.eval_cli:main"]},
 )

@@ -1,0 +1,260 @@
+"""darl_infer against the peers users would pick: one run, one markdown table.
+
+    python bench/compare.py --out bench/RESULTS.md
+
+Same checkpoint (the embedded default model unless --checkpoint), same inputs: every row scores the
+token ids of darl_infer's template (bench/workload.py). Rows, each in its own process (bench/row.py)
+so its peak RSS is its own:
+  hf-pairwise   AutoModelForSequenceClassification on padded batches of pairs (hand-written usage)
+  crossencoder  sentence-transformers' CrossEncoder on the same HF folder
+  ort-pairs     ONNX Runtime on a plain pair export of the HF folder (fp32)
+  optimum       optimum's ORTModelForSequenceClassification, own venv (--optimum-python; fp32)
+  reference     darl_infer, every pair alone: the oracle (fp32)
+  torch, onnx   darl_infer, the prefix once per query and the items against it
+Columns: items/s, p50/p95 ms per query, peak RSS, max |Δprob| against the oracle (reference fp32)
+and whether that is within the backend's tolerance, useful GFLOP per item (pairwise rows run the
+prefix for every pair, darl_infer once per query) and the fraction of the machine's measured
+matmul peak that this reaches. bf16 runs a smaller case (--bf16-*): without AVX-512-BF16/AMX a CPU
+multiplies bf16 tens of times slower than fp32.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.metadata
+import json
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from darl_infer.checkpoint import CheckpointSpec
+from darl_infer.model import load_checkpoint_model
+from darl_infer.scorer import resolve_checkpoint
+
+from workload import CACHE, FlopModel, build_cases, checkpoint_cache, darl_onnx_export, matmul_peak, merged_hf_folder
+
+HERE = Path(__file__).resolve().parent
+ROWS = ["hf-pairwise", "crossencoder", "ort-pairs", "optimum", "reference", "torch", "onnx"]
+FP32_ONLY = {"ort-pairs", "optimum", "onnx"}  # exported graphs run in the precision they were exported in
+SHARED_PREFIX = {"torch", "onnx"}  # rows that run the prefix once per query
+TOLERANCE = {"fp32": 1e-5, "bf16": 2e-2}
+ORT_TOLERANCE = 1e-4  # ONNX Runtime rows, fp32
+DEFAULT_OPTIMUM_PYTHON = "/tmp/optimum_venv/bin/python"
+
+
+def export_pairs_onnx(hf_dir: Path, out: Path) -> Path:
+    """A plain ONNX export of the HF sequence classifier: (input_ids, attention_mask) -> logits."""
+    if out.is_file():
+        return out
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    model = AutoModelForSequenceClassification.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(hf_dir)
+
+    class Logits(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids, attention_mask):
+            return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+
+    # two rows of different lengths, so the padding mask is traced as a general input
+    sample = tokenizer.pad({"input_ids": [[2, 10, 11, 12, 13, 14], [2, 20, 21]]}, return_tensors="pt")
+    axes = {0: "batch", 1: "tokens"}
+    partial = out.with_suffix(".partial")
+    torch.onnx.export(
+        Logits(), (sample["input_ids"], sample["attention_mask"]), str(partial), dynamo=False, opset_version=18,
+        input_names=["input_ids", "attention_mask"], output_names=["logits"],
+        dynamic_axes={"input_ids": axes, "attention_mask": axes, "logits": {0: "batch"}},
+    )
+    partial.rename(out)
+    return out
+
+
+def optimum_export(python: str, hf_dir: Path, out: Path) -> Path | str:
+    """optimum's export of the HF folder, or the reason it cannot be had."""
+    if out.is_dir():
+        return out
+    if not Path(python).is_file():
+        return f"no optimum interpreter at {python} (see bench/RESULTS.md for its venv)"
+    done = subprocess.run(
+        [python, str(HERE / "row.py"), "export-optimum", "fp32", "--hf-dir", str(hf_dir), "--optimum-dir", str(out)],
+        capture_output=True, text=True,
+    )
+    if done.returncode:
+        return "optimum export failed: " + done.stderr.strip().splitlines()[-1]
+    return out
+
+
+def run_row(row, dtype, case_index, n_queries, n_items, args, paths) -> dict:
+    out = paths["run"] / f"{row}-{dtype}-{case_index}.json"
+    python = args.optimum_python if row == "optimum" else sys.executable
+    cmd = [
+        python, str(HERE / "row.py"), row, dtype, "--workload", str(paths["workload"]), "--case", str(case_index),
+        "--queries", str(n_queries), "--items", str(n_items), "--repeats", str(args.repeats), "--out", str(out),
+        "--checkpoint", str(paths["checkpoint"]), "--hf-dir", str(paths["hf"]), "--threads", str(args.threads),
+    ]
+    for flag, key in (("--onnx-export", "onnx"), ("--pair-onnx", "pairs"), ("--optimum-dir", "optimum")):
+        if isinstance(paths.get(key), Path):
+            cmd += [flag, str(paths[key])]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(f"row {row} {dtype} failed:\n{done.stderr[-3000:]}")
+    return json.loads(out.read_text())
+
+
+def machine() -> str:
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), platform.machine())
+    flags = next((line.split(":", 1)[1].split() for line in open("/proc/cpuinfo") if line.startswith("flags")), [])
+    simd = [f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
+    return f"{cpu}, {os.cpu_count()} cores, {' '.join(simd)}; every row and the peak use {torch.get_num_threads()} thread(s)"
+
+
+def versions() -> str:
+    names = ["darl-infer", "torch", "transformers", "sentence-transformers", "onnxruntime", "numpy"]
+    found = []
+    for name in names:
+        try:
+            found.append(f"{name} {importlib.metadata.version(name)}")
+        except importlib.metadata.PackageNotFoundError:
+            found.append(f"{name} (absent)")
+    return ", ".join(found)
+
+
+def optimum_versions(python: str) -> str:
+    code = "import importlib.metadata as m; print(', '.join(f'{n} {m.version(n)}' for n in ['optimum-onnx', 'optimum', 'transformers', 'onnxruntime', 'torch']))"
+    done = subprocess.run([python, "-c", code], capture_output=True, text=True)
+    return done.stdout.strip() if done.returncode == 0 else "n/a"
+
+
+def plan(args) -> list[tuple[str, int, str, int]]:
+    """(dtype, instruction tokens, row, N) in the order they run: darl_infer and hf-pairwise at the
+    longest instruction first, so that a run cut short still holds the headline comparison."""
+    longest_first = sorted(args.instruction_tokens, reverse=True)
+    jobs = [("fp32", t, row, args.items) for t in longest_first for row in ("reference", "hf-pairwise", "torch", "onnx")]
+    jobs += [("bf16", t, row, args.bf16_items) for t in args.bf16_instruction_tokens for row in ("torch", "hf-pairwise")]
+    jobs += [("fp32", t, row, args.peer_items) for t in longest_first for row in ("crossencoder", "ort-pairs", "optimum")]
+    jobs += [("bf16", t, row, args.bf16_items) for t in args.bf16_instruction_tokens for row in ("crossencoder", "reference")]
+    return [job for job in jobs if job[2] in args.rows and not (job[0] == "bf16" and job[2] in FP32_ONLY)]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--checkpoint", default=None, help="checkpoint directory (default: the embedded default model)")
+    ap.add_argument("--queries", type=int, default=1, help="queries per case")
+    ap.add_argument("--items", type=int, default=100, help="N of darl_infer, hf-pairwise and the oracle (fp32)")
+    ap.add_argument("--peer-items", type=int, default=10, help="N of crossencoder, ort-pairs and optimum (fp32)")
+    ap.add_argument("--instruction-tokens", type=int, nargs="+", default=[0, 64, 256])
+    ap.add_argument("--bf16-items", type=int, default=10)
+    ap.add_argument("--bf16-instruction-tokens", type=int, nargs="*", default=[64])
+    ap.add_argument("--rows", nargs="+", default=ROWS, choices=ROWS)
+    ap.add_argument("--repeats", type=int, default=1, help="times each query is scored")
+    ap.add_argument("--threads", type=int, default=os.cpu_count(), help="threads of every row and of the matmul peak")
+    ap.add_argument("--optimum-python", default=DEFAULT_OPTIMUM_PYTHON)
+    ap.add_argument("--out", help="also write the report (markdown) here, updated after every row")
+    args = ap.parse_args()
+
+    started = time.time()
+    checkpoint = resolve_checkpoint(args.checkpoint)
+    spec = CheckpointSpec.load(checkpoint)
+    model, tokenizer = load_checkpoint_model(checkpoint, spec, torch.float32, torch.device("cpu"))
+    flops = FlopModel.of(model)
+    del model
+    hf_dir = merged_hf_folder(checkpoint)
+    jobs = plan(args)
+    lengths = sorted({tokens for _, tokens, _, _ in jobs})
+    oracle_items = {t: max(n for _, tokens, _, n in jobs if tokens == t) for t in lengths}
+    cases, source = build_cases(checkpoint, tokenizer, lengths, args.queries, max(oracle_items.values()))
+    run_dir = CACHE / "runs" / datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    run_dir.mkdir(parents=True)
+    workload = run_dir / "workload.json"
+    workload.write_text(json.dumps({"cases": [c.__dict__ for c in cases]}))
+    paths = {"checkpoint": checkpoint, "hf": hf_dir, "workload": workload, "run": run_dir}
+    notes = []
+    if "onnx" in args.rows:
+        paths["onnx"] = darl_onnx_export(checkpoint)
+    if "ort-pairs" in args.rows:
+        paths["pairs"] = export_pairs_onnx(hf_dir, checkpoint_cache(checkpoint) / "pairs.onnx")
+    if "optimum" in args.rows:
+        paths["optimum"] = optimum_export(args.optimum_python, hf_dir, checkpoint_cache(checkpoint) / "optimum")
+        if not isinstance(paths["optimum"], Path):
+            notes.append(f"optimum row skipped: {paths['optimum']}")
+            jobs = [job for job in jobs if job[2] != "optimum"]
+    print(f"prepared in {time.time() - started:.0f} s", file=sys.stderr, flush=True)
+
+    started = time.time()
+    torch.set_num_threads(args.threads)
+    peak = {"fp32": matmul_peak(torch.float32, 2048), "bf16": matmul_peak(torch.bfloat16, 1024)}
+    load_at_start = os.getloadavg()
+    table = []
+    oracle = {}  # instruction tokens -> the reference fp32 row, which every row is checked against
+    for dtype, tokens, row, n_items in jobs:
+        case_index = lengths.index(tokens)
+        if tokens not in oracle:
+            oracle[tokens] = run_row("reference", "fp32", case_index, args.queries, oracle_items[tokens], args, paths)
+        if (dtype, row, n_items) == ("fp32", "reference", oracle_items[tokens]):
+            result = oracle[tokens]
+        else:
+            result = run_row(row, dtype, case_index, args.queries, n_items, args, paths)
+        diff = max(float(np.abs(np.array(p) - np.array(o)[: len(p)]).max()) for p, o in zip(result["probs"], oracle[tokens]["probs"]))
+        tolerance = ORT_TOLERANCE if row in FP32_ONLY else TOLERANCE[dtype]
+        count = FlopModel.shared_prefix if row in SHARED_PREFIX else FlopModel.pairwise
+        queries = cases[case_index].subset(args.queries, n_items).queries
+        work = sum(count(flops, len(q["prefix"]), [len(s) for s in q["suffixes"]]) for q in queries) * args.repeats
+        lat = result["latencies"]
+        table.append({
+            "dtype": dtype, "instruction": tokens, "items": n_items, "row": row,
+            "items_per_s": n_items * len(lat) / sum(lat), "p50_ms": 1000 * statistics.median(lat),
+            "p95_ms": 1000 * float(np.percentile(lat, 95)), "rss_mb": result["peak_rss_mb"], "dprob": diff,
+            "ok": diff <= tolerance, "gflop_per_item": work / (n_items * len(lat)) / 1e9, "peak_frac": work / sum(lat) / peak[dtype],
+        })
+        print(json.dumps(table[-1]), file=sys.stderr, flush=True)
+        report = render(table, args, source, peak, notes, (load_at_start, os.getloadavg()), time.time() - started, len(jobs))
+        if args.out:
+            Path(args.out).write_text(report)
+    print(report)
+
+
+def render(table, args, source, peak, notes, loads, seconds, n_jobs) -> str:
+    dtypes = {"fp32": 0, "bf16": 1}
+    table = sorted(table, key=lambda r: (dtypes[r["dtype"]], r["instruction"], ROWS.index(r["row"])))
+    base = {(r["dtype"], r["instruction"]): r["items_per_s"] for r in table if r["row"] == "hf-pairwise"}
+    lines = [
+        "| dtype | instr. tokens | N | row | items/s | × hf-pairwise | p50 ms/query | p95 ms/query | peak RSS MB "
+        "| max abs Δprob | within tol. | GFLOP/item | % of matmul peak |",
+        "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|:---:|---:|---:|",
+    ]
+    for r in table:
+        ref = base.get((r["dtype"], r["instruction"]))
+        speedup = f"{r['items_per_s'] / ref:.2f}" if ref else "–"
+        lines.append(
+            f"| {r['dtype']} | {r['instruction']} | {r['items']} | {r['row']} | {r['items_per_s']:.2f} | {speedup} | "
+            f"{r['p50_ms']:.0f} | {r['p95_ms']:.0f} | {r['rss_mb']:.0f} | {r['dprob']:.1e} | {'yes' if r['ok'] else 'NO'} | "
+            f"{r['gflop_per_item']:.2f} | {100 * r['peak_frac']:.0f} |"
+        )
+    header = [
+        f"- command: `python bench/compare.py {' '.join(shlex.quote(a) for a in sys.argv[1:])}`",
+        f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; rows took {seconds / 60:.0f} min"
+        + ("" if len(table) == n_jobs else f" (in progress: {len(table)} of {n_jobs} rows)"),
+        f"- machine: {machine()}",
+        "- load average (1/5/15 min) at start " + "/".join(f"{x:.1f}" for x in loads[0]) + ", now " + "/".join(f"{x:.1f}" for x in loads[1]),
+        f"- measured matmul peak (x @ w.T): fp32 {peak['fp32'] / 1e9:.1f} GFLOP/s (2048³), bf16 {peak['bf16'] / 1e9:.2f} GFLOP/s (1024³)",
+        f"- versions: {versions()}; optimum venv: {optimum_versions(args.optimum_python)}",
+        f"- inputs: {source}; {args.queries} quer{'y' if args.queries == 1 else 'ies'} per case, each scored {args.repeats}×",
+        *[f"- {note}" for note in notes],
+    ]
+    return "\n".join(header) + "\n\n" + "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
