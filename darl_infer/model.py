@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
@@ -44,7 +45,9 @@ def load_checkpoint_model(directory: Path, spec: CheckpointSpec, dtype: torch.dt
 
         base_dir = base_model_dir(spec.base_model)
         base = load_sequence_classifier(base_dir, spec.num_labels, torch.float32)
-        model = PeftModel.from_pretrained(base, str(directory)).merge_and_unload()
+        with warnings.catch_warnings():  # peft calls a transformers API deprecated in v5
+            warnings.simplefilter("ignore", FutureWarning)
+            model = PeftModel.from_pretrained(base, str(directory)).merge_and_unload()
         tokenizer_dir = directory if (directory / "tokenizer_config.json").is_file() else base_dir
     if model.config.num_labels != spec.num_labels:
         raise CheckpointError(
