@@ -92,6 +92,7 @@ class TrainConfig:
     time_budget_minutes: float | None = None  # whole run (all stages); stops cleanly and saves
     frozen_cache: str | None = None   # directory: run the frozen layers once per pair (frozen_cache.py)
     seed: int = 0
+    data_seed: int | None = None      # subsets of train/dev/pool; None = `seed` (set it to vary only the run)
     log_every: int = 20
 
     @classmethod
@@ -182,10 +183,10 @@ class Trainee:
         return relevance_metrics(probs, scores, np.array([p.label for p in pairs]), [p.query for p in pairs])
 
 
-def run_dasa(trainee: Trainee, cfg: DasaConfig, id_pairs: list[Pair], num_labels: int, seed: int) -> tuple[list[Pair], dict]:
+def run_dasa(trainee: Trainee, cfg: DasaConfig, id_pairs: list[Pair], num_labels: int, seed: int, data_seed: int) -> tuple[list[Pair], dict]:
     """Select `cfg.budget` pool samples and reveal only their labels."""
     started = time.time()
-    pool = dasa_lib.read_pool(cfg.pool["path"], num_labels, limit=cfg.pool.get("limit"), seed=seed)
+    pool = dasa_lib.read_pool(cfg.pool["path"], num_labels, limit=cfg.pool.get("limit"), seed=data_seed)
     summary: dict = {"method": cfg.method, "budget": cfg.budget, "pool_size": len(pool)}
     if cfg.method == "random":
         chosen = dasa_lib.select_random(len(pool), cfg.budget, seed)
@@ -214,10 +215,11 @@ def train(config: TrainConfig) -> Path:
     loss_cfg = LossConfig.from_dict(config.loss)
     dasa_cfg = DasaConfig.from_dict(config.dasa) if config.dasa else None
     stages = config.stage_configs()
-    id_pairs = load_sets(config.train, num_labels, config.seed)
+    data_seed = config.seed if config.data_seed is None else config.data_seed
+    id_pairs = load_sets(config.train, num_labels, data_seed)
     if not id_pairs:
         raise DataError("empty training set")
-    dev_sets = {spec["path"]: read_pairs(spec["path"], num_labels, spec.get("limit"), config.seed) for spec in config.dev}
+    dev_sets = {spec["path"]: read_pairs(spec["path"], num_labels, spec.get("limit"), data_seed) for spec in config.dev}
 
     template = Template.from_dict(config.template)
     trainee = Trainee(config, template, num_labels)
@@ -237,7 +239,7 @@ def train(config: TrainConfig) -> Path:
     peft_model.train()
     for s, stage in enumerate(stages):
         if stage.needs_dasa and dasa_pairs is None:
-            dasa_pairs, dasa_summary = run_dasa(trainee, dasa_cfg, id_pairs, num_labels, config.seed)
+            dasa_pairs, dasa_summary = run_dasa(trainee, dasa_cfg, id_pairs, num_labels, config.seed, data_seed)
             print(f"dasa: {json.dumps(dasa_summary)}", flush=True)
         pairs = stage_pairs(stage, id_pairs, dasa_pairs or [], config.seed + 1000 * s)
         if not pairs:
