@@ -14,8 +14,11 @@ so its peak RSS is its own:
 Columns: items/s, p50/p95 ms per query, peak RSS, max |Δprob| against the oracle (reference fp32)
 and whether that is within the backend's tolerance, useful GFLOP per item (pairwise rows run the
 prefix for every pair, darl_infer once per query) and the fraction of the machine's measured
-matmul peak that this reaches. bf16 runs a smaller case (--bf16-*): without AVX-512-BF16/AMX a CPU
-multiplies bf16 tens of times slower than fp32.
+matmul peak that this reaches.
+
+Sizes: darl_infer at --items (100) and --pair-items (10) per query; the pairwise rows, whose time
+per item does not depend on N, and the oracle at --pair-items; bf16 at --bf16-items for one
+instruction length: without AVX-512-BF16/AMX a CPU multiplies bf16 many times slower than fp32.
 """
 
 from __future__ import annotations
@@ -97,7 +100,7 @@ def optimum_export(python: str, hf_dir: Path, out: Path) -> Path | str:
 
 
 def run_row(row, dtype, case_index, n_queries, n_items, args, paths) -> dict:
-    out = paths["run"] / f"{row}-{dtype}-{case_index}.json"
+    out = paths["run"] / f"{row}-{dtype}-case{case_index}-N{n_items}.json"
     python = args.optimum_python if row == "optimum" else sys.executable
     cmd = [
         python, str(HERE / "row.py"), row, dtype, "--workload", str(paths["workload"]), "--case", str(case_index),
@@ -139,24 +142,36 @@ def optimum_versions(python: str) -> str:
 
 def plan(args) -> list[tuple[str, int, str, int]]:
     """(dtype, instruction tokens, row, N) in the order they run: darl_infer and hf-pairwise at the
-    longest instruction first, so that a run cut short still holds the headline comparison."""
+    longest instruction first, so that a run cut short still holds the headline comparison.
+
+    Pairwise rows (peers and the oracle) run every pair whole, so their time per item does not
+    depend on N: they run at --pair-items to keep the run short. darl_infer runs at --pair-items
+    and, with an instruction, at --items too: its time per item falls with N as the prefix is
+    shared by more items (without an instruction the prefix is a few tokens and N changes little)."""
     longest_first = sorted(args.instruction_tokens, reverse=True)
-    jobs = [("fp32", t, row, args.items) for t in longest_first for row in ("reference", "hf-pairwise", "torch", "onnx")]
-    jobs += [("bf16", t, row, args.bf16_items) for t in args.bf16_instruction_tokens for row in ("torch", "hf-pairwise")]
-    jobs += [("fp32", t, row, args.peer_items) for t in longest_first for row in ("crossencoder", "ort-pairs", "optimum")]
-    jobs += [("bf16", t, row, args.bf16_items) for t in args.bf16_instruction_tokens for row in ("crossencoder", "reference")]
-    return [job for job in jobs if job[2] in args.rows and not (job[0] == "bf16" and job[2] in FP32_ONLY)]
+    n, n_pair = args.items, args.pair_items
+    jobs = []
+    for t in longest_first:
+        jobs += [("fp32", t, "reference", n_pair), ("fp32", t, "hf-pairwise", n_pair), ("fp32", t, "torch", n_pair)]
+        jobs += [("fp32", t, row, n) for row in ("torch", "onnx") if t > 0] + [("fp32", t, "onnx", n_pair)] * (t == 0)
+    bf16_first = ["torch", "hf-pairwise"]
+    jobs += [("bf16", t, row, args.bf16_items) for t in args.bf16_instruction_tokens for row in bf16_first if row in args.bf16_rows]
+    jobs += [("fp32", t, row, n_pair) for t in longest_first for row in ("crossencoder", "ort-pairs", "optimum")]
+    jobs += [("bf16", t, row, args.bf16_items) for t in args.bf16_instruction_tokens for row in args.bf16_rows if row not in bf16_first]
+    return [job for job in jobs if job[2] in args.rows]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", default=None, help="checkpoint directory (default: the embedded default model)")
     ap.add_argument("--queries", type=int, default=1, help="queries per case")
-    ap.add_argument("--items", type=int, default=100, help="N of darl_infer, hf-pairwise and the oracle (fp32)")
-    ap.add_argument("--peer-items", type=int, default=10, help="N of crossencoder, ort-pairs and optimum (fp32)")
+    ap.add_argument("--items", type=int, default=100, help="N of the darl_infer rows (fp32)")
+    ap.add_argument("--pair-items", type=int, default=10, help="N of the pairwise rows and the oracle, and of darl_infer again")
     ap.add_argument("--instruction-tokens", type=int, nargs="+", default=[0, 64, 256])
     ap.add_argument("--bf16-items", type=int, default=10)
     ap.add_argument("--bf16-instruction-tokens", type=int, nargs="*", default=[64])
+    bf16_rows = [row for row in ROWS if row not in FP32_ONLY]
+    ap.add_argument("--bf16-rows", nargs="*", default=bf16_rows, choices=bf16_rows)
     ap.add_argument("--rows", nargs="+", default=ROWS, choices=ROWS)
     ap.add_argument("--repeats", type=int, default=1, help="times each query is scored")
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="threads of every row and of the matmul peak")
@@ -173,8 +188,8 @@ def main() -> None:
     hf_dir = merged_hf_folder(checkpoint)
     jobs = plan(args)
     lengths = sorted({tokens for _, tokens, _, _ in jobs})
-    oracle_items = {t: max(n for _, tokens, _, n in jobs if tokens == t) for t in lengths}
-    cases, source = build_cases(checkpoint, tokenizer, lengths, args.queries, max(oracle_items.values()))
+    # always --items: the items drawn depend on how many, and every run should score the same ones
+    cases, source = build_cases(checkpoint, tokenizer, lengths, args.queries, max(args.items, *(n for *_, n in jobs)))
     run_dir = CACHE / "runs" / datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     run_dir.mkdir(parents=True)
     workload = run_dir / "workload.json"
@@ -194,63 +209,81 @@ def main() -> None:
 
     started = time.time()
     torch.set_num_threads(args.threads)
-    peak = {"fp32": matmul_peak(torch.float32, 2048), "bf16": matmul_peak(torch.bfloat16, 1024)}
+    peaks = [measure_peaks()]  # again at the end: the load of a shared machine drifts during a run
     load_at_start = os.getloadavg()
     table = []
     oracle = {}  # instruction tokens -> the reference fp32 row, which every row is checked against
     for dtype, tokens, row, n_items in jobs:
         case_index = lengths.index(tokens)
         if tokens not in oracle:
-            oracle[tokens] = run_row("reference", "fp32", case_index, args.queries, oracle_items[tokens], args, paths)
-        if (dtype, row, n_items) == ("fp32", "reference", oracle_items[tokens]):
+            oracle[tokens] = run_row("reference", "fp32", case_index, args.queries, args.pair_items, args, paths)
+        if (dtype, row, n_items) == ("fp32", "reference", args.pair_items):
             result = oracle[tokens]
         else:
             result = run_row(row, dtype, case_index, args.queries, n_items, args, paths)
-        diff = max(float(np.abs(np.array(p) - np.array(o)[: len(p)]).max()) for p, o in zip(result["probs"], oracle[tokens]["probs"]))
+        # over the items the oracle scored: the first --pair-items of each query
+        diff = max(float(np.abs(np.array(p[: len(o)]) - np.array(o[: len(p)])).max()) for p, o in zip(result["probs"], oracle[tokens]["probs"]))
         tolerance = ORT_TOLERANCE if row in FP32_ONLY else TOLERANCE[dtype]
         count = FlopModel.shared_prefix if row in SHARED_PREFIX else FlopModel.pairwise
         queries = cases[case_index].subset(args.queries, n_items).queries
         work = sum(count(flops, len(q["prefix"]), [len(s) for s in q["suffixes"]]) for q in queries) * args.repeats
-        lat = result["latencies"]
+        lat, cpu = result["latencies"], result["cpu_seconds"]
         table.append({
             "dtype": dtype, "instruction": tokens, "items": n_items, "row": row,
-            "items_per_s": n_items * len(lat) / sum(lat), "p50_ms": 1000 * statistics.median(lat),
-            "p95_ms": 1000 * float(np.percentile(lat, 95)), "rss_mb": result["peak_rss_mb"], "dprob": diff,
-            "ok": diff <= tolerance, "gflop_per_item": work / (n_items * len(lat)) / 1e9, "peak_frac": work / sum(lat) / peak[dtype],
+            "items_per_s": n_items * len(lat) / sum(lat), "items_per_cpu_s": n_items * len(cpu) / sum(cpu),
+            "p50_ms": 1000 * statistics.median(lat), "p95_ms": 1000 * float(np.percentile(lat, 95)),
+            "rss_mb": result["peak_rss_mb"], "dprob": diff, "ok": diff <= tolerance,
+            "gflop_per_item": work / (n_items * len(lat)) / 1e9, "flop_per_cpu_s": work / sum(cpu),
         })
         print(json.dumps(table[-1]), file=sys.stderr, flush=True)
-        report = render(table, args, source, peak, notes, (load_at_start, os.getloadavg()), time.time() - started, len(jobs))
+        report = render(table, args, source, peaks, notes, (load_at_start, os.getloadavg()), time.time() - started, len(jobs))
         if args.out:
             Path(args.out).write_text(report)
+    peaks.append(measure_peaks())
+    report = render(table, args, source, peaks, notes, (load_at_start, os.getloadavg()), time.time() - started, len(jobs))
+    if args.out:
+        Path(args.out).write_text(report)
     print(report)
 
 
-def render(table, args, source, peak, notes, loads, seconds, n_jobs) -> str:
+def measure_peaks() -> dict:
+    """dtype -> (FLOP per wall second, FLOP per CPU second) of a large matmul."""
+    return {"fp32": matmul_peak(torch.float32, 2048), "bf16": matmul_peak(torch.bfloat16, 1024)}
+
+
+def render(table, args, source, peaks, notes, loads, seconds, n_jobs) -> str:
+    peak = {dtype: max(p[dtype][1] for p in peaks) for dtype in peaks[0]}  # per CPU second
     dtypes = {"fp32": 0, "bf16": 1}
     table = sorted(table, key=lambda r: (dtypes[r["dtype"]], r["instruction"], ROWS.index(r["row"])))
-    base = {(r["dtype"], r["instruction"]): r["items_per_s"] for r in table if r["row"] == "hf-pairwise"}
+    base = {(r["dtype"], r["instruction"]): r["items_per_cpu_s"] for r in table if r["row"] == "hf-pairwise"}
     lines = [
-        "| dtype | instr. tokens | N | row | items/s | × hf-pairwise | p50 ms/query | p95 ms/query | peak RSS MB "
-        "| max abs Δprob | within tol. | GFLOP/item | % of matmul peak |",
-        "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|:---:|---:|---:|",
+        "| dtype | instr. tokens | N | row | items/s | items/CPU-s | × hf-pairwise (CPU) | p50 ms/query | p95 ms/query "
+        "| peak RSS MB | max abs Δprob | within tol. | GFLOP/item | % of matmul peak (CPU) |",
+        "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|:---:|---:|---:|",
     ]
     for r in table:
         ref = base.get((r["dtype"], r["instruction"]))
-        speedup = f"{r['items_per_s'] / ref:.2f}" if ref else "–"
+        speedup = f"{r['items_per_cpu_s'] / ref:.2f}" if ref else "–"
         lines.append(
-            f"| {r['dtype']} | {r['instruction']} | {r['items']} | {r['row']} | {r['items_per_s']:.2f} | {speedup} | "
-            f"{r['p50_ms']:.0f} | {r['p95_ms']:.0f} | {r['rss_mb']:.0f} | {r['dprob']:.1e} | {'yes' if r['ok'] else 'NO'} | "
-            f"{r['gflop_per_item']:.2f} | {100 * r['peak_frac']:.0f} |"
+            f"| {r['dtype']} | {r['instruction']} | {r['items']} | {r['row']} | {r['items_per_s']:.2f} | "
+            f"{r['items_per_cpu_s']:.2f} | {speedup} | {r['p50_ms']:.0f} | {r['p95_ms']:.0f} | {r['rss_mb']:.0f} | "
+            f"{r['dprob']:.1e} | {'yes' if r['ok'] else 'NO'} | {r['gflop_per_item']:.2f} | "
+            f"{100 * r['flop_per_cpu_s'] / peak[r['dtype']]:.0f} |"
         )
     header = [
         f"- command: `python bench/compare.py {' '.join(shlex.quote(a) for a in sys.argv[1:])}`",
         f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; rows took {seconds / 60:.0f} min"
         + ("" if len(table) == n_jobs else f" (in progress: {len(table)} of {n_jobs} rows)"),
+        f"- checkpoint: {args.checkpoint or 'the embedded default model'} (bench cache {checkpoint_cache(resolve_checkpoint(args.checkpoint)).name})",
         f"- machine: {machine()}",
         "- load average (1/5/15 min) at start " + "/".join(f"{x:.1f}" for x in loads[0]) + ", now " + "/".join(f"{x:.1f}" for x in loads[1]),
-        f"- measured matmul peak (x @ w.T): fp32 {peak['fp32'] / 1e9:.1f} GFLOP/s (2048³), bf16 {peak['bf16'] / 1e9:.2f} GFLOP/s (1024³)",
+        "- measured matmul peak (x @ w.T, fp32 2048³, bf16 1024³), GFLOP per wall / per CPU second, before"
+        + (" / after" if len(peaks) > 1 else "") + " the rows: "
+        + "; ".join(f"{d} " + " / ".join(f"{p[d][0] / 1e9:.2f}, {p[d][1] / 1e9:.2f}" for p in peaks) for d in peaks[0])
+        + "; % of peak: the row's FLOP per CPU second over the higher peak per CPU second",
         f"- versions: {versions()}; optimum venv: {optimum_versions(args.optimum_python)}",
-        f"- inputs: {source}; {args.queries} quer{'y' if args.queries == 1 else 'ies'} per case, each scored {args.repeats}×",
+        f"- inputs: {source}; {args.queries} quer{'y' if args.queries == 1 else 'ies'} per case, each scored {args.repeats}×; "
+        f"Δprob against the oracle (reference, fp32) over the first {args.pair_items} items of each query",
         *[f"- {note}" for note in notes],
     ]
     return "\n".join(header) + "\n\n" + "\n".join(lines) + "\n"

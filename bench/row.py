@@ -3,7 +3,8 @@
     python bench/row.py ROW DTYPE --workload W.json --case I --queries Q --items N --out R.json [paths]
 
 Loads the row's model, warms it up on a few items, then times `score(query)` once per query and
-repeat, and writes the latencies, the probabilities of the first repeat and the peak RSS.
+repeat, and writes the latencies (wall clock and this process's CPU time), the probabilities of
+the first repeat and the peak RSS.
 
 Imports only the standard library and numpy at the top: the `optimum` row runs under another
 interpreter (its own venv, transformers < 4.58) where darl_infer does not import.
@@ -233,15 +234,17 @@ def main() -> None:
     score = ROWS[args.row](args, case)
     first = case["queries"][0]
     score(subset({"queries": [first]}, 1, WARMUP_ITEMS)["queries"][0])
-    latencies, probs = [], []
+    latencies, cpu_seconds, probs = [], [], []
     for repeat in range(args.repeats):
         for query in case["queries"]:
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             p = np.asarray(score(query), dtype=np.float64)
             latencies.append(time.perf_counter() - start)
+            cpu_seconds.append(time.process_time() - start_cpu)
             if repeat == 0:
                 probs.append(p.tolist())
-    Path(args.out).write_text(json.dumps({"latencies": latencies, "probs": probs, "peak_rss_mb": peak_rss_mb()}))
+    result = {"latencies": latencies, "cpu_seconds": cpu_seconds, "probs": probs, "peak_rss_mb": peak_rss_mb()}
+    Path(args.out).write_text(json.dumps(result))
 
 
 if __name__ == "__main__":

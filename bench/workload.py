@@ -136,27 +136,32 @@ class FlopModel:
         return sum(self.tokens(0, prefix_len + s) for s in suffix_lens)
 
 
-def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 3) -> float:
-    """Best FLOP/s of an n x n x n matmul in nn.Linear's layout (x @ w.T): on this CPU bf16 is
-    several times faster in that layout than a plain a @ b, and it is the one models run."""
+def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 3) -> tuple[float, float]:
+    """Best FLOP per wall-clock second and per CPU second of an n x n x n matmul in nn.Linear's
+    layout (x @ w.T): on this CPU bf16 is several times faster in that layout than a plain a @ b,
+    and it is the one models run."""
     x, w = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     torch.nn.functional.linear(x, w)
-    best = float("inf")
+    wall = cpu = float("inf")
     for _ in range(reps):
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         torch.nn.functional.linear(x, w)
-        best = min(best, time.perf_counter() - start)
-    return 2 * n**3 / best
+        wall, cpu = min(wall, time.perf_counter() - start), min(cpu, time.process_time() - start_cpu)
+    return 2 * n**3 / wall, 2 * n**3 / cpu
 
 
 # --- derived model files, cached per checkpoint ----------------------------------------------------
 
 
 def checkpoint_cache(checkpoint: Path) -> Path:
-    """~/.cache/darl_infer/bench/<name>-<digest of the checkpoint's files>: never in the repo."""
-    digest = hashlib.sha256()
+    """~/.cache/darl_infer/bench/<name>-<digest of what the weights depend on>: never in the repo.
+
+    darl.json counts by its base model and labels only: its evaluation table may be rewritten
+    after training without changing a weight."""
+    spec = CheckpointSpec.load(checkpoint)
+    digest = hashlib.sha256(json.dumps([spec.base_model, spec.labels]).encode())
     for f in sorted(checkpoint.iterdir()):
-        if f.is_file():
+        if f.is_file() and f.name != "darl.json":
             digest.update(f"{f.name} {f.stat().st_size} {f.stat().st_mtime_ns}\n".encode())
     return CACHE / f"{checkpoint.resolve().name}-{digest.hexdigest()[:16]}"
 
