@@ -21,14 +21,13 @@
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from .data import DataError, Pair
+from .data import DataError, Pair, iter_rows
 
 DETECTORS = ("mahalanobis", "energy", "knn", "msp")
 
@@ -184,24 +183,7 @@ class HiddenLabelPool:
 
 def read_pool(path: str | Path, num_labels: int = 3, limit: int | None = None, seed: int = 0) -> HiddenLabelPool:
     """Queries and items of a JSONL pool (bad lines name file and line); labels stay hidden."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: file not found")
-    rows = []
-    with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{n}: malformed JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{path}:{n}: expected a JSON object")
-            for key in ("query", "item"):
-                if not isinstance(row.get(key), str):
-                    raise DataError(f"{path}:{n}: field {key!r} must be a string")
-            rows.append((row["query"], row["item"], row.get("label"), n))
+    rows = [(row["query"], row["item"], row.get("label"), n) for n, row in iter_rows(path)]
     if not rows:
         raise DataError(f"{path}: no pairs")
     if limit is not None and limit < len(rows):

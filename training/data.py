@@ -19,12 +19,14 @@ class Pair:
     label: int
 
 
-def read_pairs(path: str | Path, num_labels: int = 3, limit: int | None = None, seed: int = 0) -> list[Pair]:
-    """All pairs of a file (or `limit` of them drawn with `seed`); any bad line is an error naming it."""
+def iter_rows(path: str | Path):
+    """(line number, row) of each non-blank line; a row is an object with string query and item.
+
+    Any bad line is an error naming file and line. Other fields (e.g. label) are left to the caller.
+    """
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: file not found")
-    pairs = []
     with path.open(encoding="utf-8") as f:
         for n, line in enumerate(f, start=1):
             if not line.strip():
@@ -38,10 +40,17 @@ def read_pairs(path: str | Path, num_labels: int = 3, limit: int | None = None, 
             for key in ("query", "item"):
                 if not isinstance(row.get(key), str):
                     raise DataError(f"{path}:{n}: field {key!r} must be a string")
-            label = row.get("label")
-            if not isinstance(label, int) or isinstance(label, bool) or not 0 <= label < num_labels:
-                raise DataError(f"{path}:{n}: label {label!r} is not an integer in 0..{num_labels - 1}")
-            pairs.append(Pair(row["query"], row["item"], label))
+            yield n, row
+
+
+def read_pairs(path: str | Path, num_labels: int = 3, limit: int | None = None, seed: int = 0) -> list[Pair]:
+    """All pairs of a file (or `limit` of them drawn with `seed`); any bad line is an error naming it."""
+    pairs = []
+    for n, row in iter_rows(path):
+        label = row.get("label")
+        if not isinstance(label, int) or isinstance(label, bool) or not 0 <= label < num_labels:
+            raise DataError(f"{path}:{n}: label {label!r} is not an integer in 0..{num_labels - 1}")
+        pairs.append(Pair(row["query"], row["item"], label))
     if not pairs:
         raise DataError(f"{path}: no pairs")
     if limit is not None and limit < len(pairs):
