@@ -7,6 +7,7 @@ import json
 import sys
 from itertools import groupby
 
+from .jsonl import DataError, iter_rows
 from .scorer import BACKEND_CHOICES, Scorer
 
 
@@ -39,26 +40,11 @@ def cmd_rank(args) -> int:
     return 0
 
 
-def _pairs_from(path: str):
-    f = sys.stdin if path == "-" else open(path, encoding="utf-8")
-    with f:
-        for n, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise SystemExit(f"{path}:{n}: malformed JSON ({e.msg})")
-            if not isinstance(row, dict) or not isinstance(row.get("query"), str) or not isinstance(row.get("item"), str):
-                raise SystemExit(f"{path}:{n}: expected an object with string fields 'query' and 'item'")
-            yield row
-
-
 def cmd_score(args) -> int:
     """Stream: at most `--buffer` pairs in memory; consecutive pairs of one query share a prefix run."""
     scorer = _load(args)
     out = sys.stdout if args.output == "-" else open(args.output, "w", encoding="utf-8")
-    rows = _pairs_from(args.input)
+    rows = (row for _, row in iter_rows(args.input))
     with out:
         while True:
             buffer = [row for _, row in zip(range(args.buffer), rows)]
@@ -113,7 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except DataError as e:
+        raise SystemExit(f"darl-infer: {e}") from None
 
 
 if __name__ == "__main__":

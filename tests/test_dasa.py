@@ -15,7 +15,7 @@ from darl_infer.training.dasa import (
     select,
     select_random,
 )
-from darl_infer.training.data import DataError
+from darl_infer.jsonl import DataError
 
 D, K = 8, 3
 

@@ -27,7 +27,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .data import DataError, Pair, iter_rows
+from darl_infer.jsonl import DataError, iter_rows
+
+from .data import Pair
 
 DETECTORS = ("mahalanobis", "energy", "knn", "msp")
 

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
 
-
-class DataError(ValueError):
-    pass
+from darl_infer.jsonl import DataError, iter_rows
 
 
 @dataclass(frozen=True)
@@ -17,30 +14,6 @@ class Pair:
     query: str
     item: str
     label: int
-
-
-def iter_rows(path: str | Path):
-    """(line number, row) of each non-blank line; a row is an object with string query and item.
-
-    Any bad line is an error naming file and line. Other fields (e.g. label) are left to the caller.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: file not found")
-    with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{n}: malformed JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{path}:{n}: expected a JSON object")
-            for key in ("query", "item"):
-                if not isinstance(row.get(key), str):
-                    raise DataError(f"{path}:{n}: field {key!r} must be a string")
-            yield n, row
 
 
 def read_pairs(path: str | Path, num_labels: int = 3, limit: int | None = None, seed: int = 0) -> list[Pair]:
