@@ -183,6 +183,26 @@ def test_darl_train_cli_writes_checkpoint_config_and_metrics(base, data, tmp_pat
     assert "no 'dasa' section" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "section, typo",
+    [(None, "output_dri"), ("loss", "ordnal"), ("template", "instrucion"), ("dasa", "budjet"), ("stages", "stpes")],
+)
+def test_misspelt_config_field_is_refused_by_name(base, data, tmp_path, capsys, section, typo):
+    cfg = {"base_model": str(base), "train": [{"path": str(data["train"]), "limit": 40}], "output_dir": str(tmp_path / "ckpt"),
+           "lora_layers": 1, "dasa": {"pool": {"path": str(data["pool"])}, "budget": 4}, "stages": [{"data": "id", "steps": 1}]}
+    if section is None:
+        cfg[typo] = 1
+    elif section == "stages":
+        cfg["stages"][0][typo] = 1
+    else:
+        cfg.setdefault(section, {})[typo] = 1
+    cfg_file = tmp_path / "run.json"
+    cfg_file.write_text(json.dumps(cfg))
+    assert train_cli.main(["--config", str(cfg_file)]) == 2
+    assert f"field(s) ['{typo}']" in capsys.readouterr().err
+    assert not (tmp_path / "ckpt").exists()
+
+
 class Interrupt(KeyboardInterrupt):
     pass
 

@@ -26,6 +26,8 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
+from darl_infer.config import from_fields
+
 
 @dataclass
 class LossConfig:
@@ -37,11 +39,7 @@ class LossConfig:
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "LossConfig":
-        d = dict(d or {})
-        unknown = set(d) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"unknown loss field(s) {sorted(unknown)}")
-        cfg = cls(**d)
+        cfg = from_fields(cls, d or {}, "loss")
         for name in ("ce", "ordinal", "label_smoothing", "confidence_penalty"):
             if getattr(cfg, name) < 0:
                 raise ValueError(f"loss weight {name!r} must be >= 0")

@@ -17,6 +17,8 @@ import math
 import random
 from dataclasses import asdict, dataclass
 
+from darl_infer.config import from_fields
+
 from .data import Pair
 
 STAGE_DATA = ("id", "dasa", "id+dasa")
@@ -34,10 +36,7 @@ class StageConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "StageConfig":
-        unknown = set(d) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"unknown stage field(s) {sorted(unknown)}")
-        s = cls(**d)
+        s = from_fields(cls, d, "stage")
         if s.data not in STAGE_DATA:
             raise ValueError(f"stage {s.name!r}: data must be one of {list(STAGE_DATA)}, got {s.data!r}")
         if not 0 <= s.replay < 1:

@@ -27,6 +27,7 @@ import torch
 
 from darl_infer.base_models import base_model_dir
 from darl_infer.checkpoint import CheckpointSpec
+from darl_infer.config import from_fields
 from darl_infer.model import load_sequence_classifier
 from darl_infer.prefix_cache import PrefixRunner
 from darl_infer.template import Template
@@ -55,10 +56,7 @@ class DasaConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "DasaConfig":
-        unknown = set(d) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"unknown dasa field(s) {sorted(unknown)}")
-        c = cls(**d)
+        c = from_fields(cls, d, "dasa")
         if c.method not in ("dasa", "random"):
             raise ValueError(f"dasa method must be 'dasa' or 'random', got {c.method!r}")
         if c.budget < 0:
@@ -101,10 +99,10 @@ class TrainConfig:
             d = json.loads(Path(path).read_text())
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}: not valid JSON ({e})") from None
-        unknown = set(d) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"{path}: unknown config field(s) {sorted(unknown)}")
-        return cls(**d)
+        try:
+            return from_fields(cls, d, "config")
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
 
     def stage_configs(self) -> list[StageConfig]:
         if self.stages is None:
