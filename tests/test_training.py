@@ -259,6 +259,33 @@ def test_frozen_layer_cache_gives_the_same_features_as_the_full_model(arch, data
     assert np.abs(logits_full).max() > 0.1
 
 
+def test_frozen_cache_computes_only_sequences_no_stored_list_has(base, data, tmp_path, monkeypatch):
+    from darl_infer.template import Template
+    from darl_infer.training.frozen_cache import FrozenSplit
+    from darl_infer.training.train import Trainee
+
+    computed = []
+    real_bottom = FrozenSplit.bottom
+    monkeypatch.setattr(FrozenSplit, "bottom", lambda self, ins, seqs: computed.append(len(seqs)) or real_bottom(self, ins, seqs))
+    cfg = config(base, data, tmp_path / "o", lora_layers=2, frozen_cache=str(tmp_path / "cache"))
+    template = Template(instruction="w1 w2 w3")
+    pairs = read_pairs(data["dev"])
+    first = Trainee(cfg, template, 3)  # a run over pairs 0..29
+    _, want = first.frozen_states(pairs[:30])
+    later = Trainee(cfg, template, 3)  # another run (empty memory) over pairs 20..39: 10 are new
+    _, got = later.frozen_states(pairs[20:40])
+    unique_new = {tuple(later.pair_ids(p)) for p in pairs[30:40]} - {tuple(later.pair_ids(p)) for p in pairs[:30]}
+    assert computed == [30, len(unique_new)] and len(unique_new) > 0
+    for a, b in zip(want[20:30], got[:10]):
+        assert torch.equal(a, b)
+    files = sorted((tmp_path / "cache").rglob("*.pt"))
+    Trainee(cfg, template, 3).frozen_states(pairs[5:35])  # all stored: nothing computed, nothing written
+    assert computed == [30, len(unique_new)] and sorted((tmp_path / "cache").rglob("*.pt")) == files
+    other = Trainee(cfg, Template(instruction="w4 w5"), 3)  # another instruction: nothing reused
+    other.frozen_states(pairs[:5])
+    assert computed[-1] == len({tuple(other.pair_ids(p)) for p in pairs[:5]})
+
+
 def test_training_with_the_frozen_cache_matches_the_scorer(base, data, tmp_path):
     cache = tmp_path / "cache"
     ckpt = train(darl_config(base, data, tmp_path / "ckpt", frozen_cache=str(cache), lora_layers=2,
@@ -268,4 +295,4 @@ def test_training_with_the_frozen_cache_matches_the_scorer(base, data, tmp_path)
     for key in ("accuracy", "macro_f1", "ndcg@10"):
         assert fresh[key] == pytest.approx(stored[key], abs=1e-6)
     assert fresh["ece"] == pytest.approx(stored["ece"], abs=1e-4)
-    assert any(cache.glob("*.pt"))
+    assert any(cache.rglob("*.pt"))

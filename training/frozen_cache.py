@@ -90,34 +90,48 @@ class FrozenSplit:
 
 
 class StateStore:
-    """Bottom-layer states of pair sequences: in memory by sequence, on disk by a content hash of
-    each requested list (written atomically), so runs with the same data share one computation."""
+    """Bottom-layer states of pair sequences, in memory and on disk.
 
-    def __init__(self, directory: str | Path, base_model: str, split: int):
-        self.directory = Path(directory)
-        self.base_model = base_model
-        self.split = split
+    On disk, one folder per (base model, split, instruction) -- every state in it is valid for any
+    run that shares those three -- and one file per requested list of sequences, named by a hash of
+    the list and written atomically. A list seen before is one file read; a new list (other subsets,
+    another data mix) first takes whatever states the folder already holds, computes only the
+    sequences that none of its files has, and is written only if it needed any.
+    """
+
+    def __init__(self, directory: str | Path, base_model: str, split: int, instruction: torch.Tensor):
+        context = json.dumps([base_model, split, instruction.tolist()])
+        self.directory = Path(directory) / hashlib.sha256(context.encode()).hexdigest()[:16]
+        self.instruction = instruction
         self.memory: dict[tuple[int, ...], torch.Tensor] = {}
         self.instruction_states: torch.Tensor | None = None
+        self.loaded: set[Path] = set()
 
-    def key(self, instruction: torch.Tensor, sequences: list[list[int]]) -> str:
-        h = hashlib.sha256(json.dumps([self.base_model, self.split, instruction.tolist(), sequences]).encode())
-        return h.hexdigest()[:24]
+    def _load(self, path: Path) -> None:
+        data = torch.load(path, weights_only=True)
+        self.instruction_states = data["instruction"]
+        self.memory.update(zip(map(tuple, data["sequences"]), data["pairs"]))
+        self.loaded.add(path)
 
-    def get(self, frozen: FrozenSplit, instruction: torch.Tensor, sequences: list[list[int]]):
-        missing = sorted({tuple(s) for s in sequences if tuple(s) not in self.memory})
+    def get(self, frozen: FrozenSplit, sequences: list[list[int]]):
+        """(instruction states (P, H), [states (T_i, H) of each sequence])."""
+        path = self.directory / f"{hashlib.sha256(json.dumps(sequences).encode()).hexdigest()[:24]}.pt"
+        if self._missing(sequences) and path.is_file():
+            self._load(path)
+        if self._missing(sequences):
+            for other in sorted(set(self.directory.glob("*.pt")) - self.loaded):
+                self._load(other)
+        missing = self._missing(sequences)
         if missing or self.instruction_states is None:
-            path = self.directory / f"{self.key(instruction, sequences)}.pt"
-            if path.is_file():
-                data = torch.load(path, weights_only=True)
-                self.instruction_states = data["instruction"]
-                self.memory.update(zip(map(tuple, data["sequences"]), data["pairs"]))
-            else:
-                self.instruction_states, states = frozen.bottom(instruction, [list(s) for s in missing])
-                self.memory.update(zip(missing, states))
-                self.directory.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_suffix(f".tmp{os.getpid()}")
-                torch.save({"instruction": self.instruction_states, "sequences": sequences,
-                            "pairs": [self.memory[tuple(s)] for s in sequences]}, tmp)
-                tmp.rename(path)
+            self.instruction_states, states = frozen.bottom(self.instruction, [list(s) for s in missing])
+            self.memory.update(zip(missing, states))
+            self.directory.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".tmp{os.getpid()}")
+            torch.save({"instruction": self.instruction_states, "sequences": sequences,
+                        "pairs": [self.memory[tuple(s)] for s in sequences]}, tmp)
+            tmp.rename(path)
+            self.loaded.add(path)
         return self.instruction_states, [self.memory[tuple(s)] for s in sequences]
+
+    def _missing(self, sequences: list[list[int]]) -> list[tuple[int, ...]]:
+        return sorted({tuple(s) for s in sequences if tuple(s) not in self.memory})

@@ -145,7 +145,7 @@ class Trainee:
         self.frozen = self.store = None
         if config.frozen_cache:
             self.frozen = FrozenSplit(self.runner.decoder, top[0])
-            self.store = StateStore(config.frozen_cache, config.base_model, top[0])
+            self.store = StateStore(config.frozen_cache, config.base_model, top[0], self.instruction)
 
     def pair_ids(self, p: Pair) -> list[int]:
         """A pair's tokens after the shared instruction, exactly as the Scorer encodes them."""
@@ -154,7 +154,7 @@ class Trainee:
 
     def frozen_states(self, pairs: list[Pair]) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Bottom-layer states of the shared instruction and of each pair (computed once, on disk)."""
-        return self.store.get(self.frozen, self.instruction, [self.pair_ids(p) for p in pairs])
+        return self.store.get(self.frozen, [self.pair_ids(p) for p in pairs])
 
     def top_hidden(self, instruction_states: torch.Tensor, pair_states: list[torch.Tensor]) -> torch.Tensor:
         return self.frozen.top_items(self.frozen.top_prefix(instruction_states), pair_states)
