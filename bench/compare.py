@@ -11,6 +11,7 @@ so its peak RSS is its own:
   optimum       optimum's ORTModelForSequenceClassification, own venv (--optimum-python; fp32)
   reference     darl_infer, every pair alone: the oracle (fp32)
   torch, onnx   darl_infer, the prefix once per query and the items against it
+  onnx-int8     the onnx row on a dynamic-int8 export (lossy: its Δprob is reported, not held to a tolerance)
 Columns: items/s, p50/p95 ms per query, peak RSS, max |Δprob| against the oracle (reference fp32)
 and whether that is within the backend's tolerance, useful GFLOP per item (pairwise rows run the
 prefix for every pair, darl_infer once per query) and the fraction of the machine's measured
@@ -46,9 +47,10 @@ from darl_infer.scorer import resolve_checkpoint
 from workload import CACHE, FlopModel, build_cases, checkpoint_cache, darl_onnx_export, matmul_peak, merged_hf_folder
 
 HERE = Path(__file__).resolve().parent
-ROWS = ["hf-pairwise", "crossencoder", "ort-pairs", "optimum", "reference", "torch", "onnx"]
-FP32_ONLY = {"ort-pairs", "optimum", "onnx"}  # exported graphs run in the precision they were exported in
-SHARED_PREFIX = {"torch", "onnx"}  # rows that run the prefix once per query
+ROWS = ["hf-pairwise", "crossencoder", "ort-pairs", "optimum", "reference", "torch", "onnx", "onnx-int8"]
+FP32_ONLY = {"ort-pairs", "optimum", "onnx", "onnx-int8"}  # exported graphs run in the precision they were exported in
+SHARED_PREFIX = {"torch", "onnx", "onnx-int8"}  # rows that run the prefix once per query
+LOSSY = {"onnx-int8"}
 TOLERANCE = {"fp32": 1e-5, "bf16": 2e-2}
 ORT_TOLERANCE = 1e-4  # ONNX Runtime rows, fp32
 DEFAULT_OPTIMUM_PYTHON = "/tmp/optimum_venv/bin/python"
@@ -107,7 +109,8 @@ def run_row(row, dtype, case_index, n_queries, n_items, args, paths) -> dict:
         "--queries", str(n_queries), "--items", str(n_items), "--repeats", str(args.repeats), "--out", str(out),
         "--checkpoint", str(paths["checkpoint"]), "--hf-dir", str(paths["hf"]), "--threads", str(args.threads),
     ]
-    for flag, key in (("--onnx-export", "onnx"), ("--pair-onnx", "pairs"), ("--optimum-dir", "optimum")):
+    onnx_key = "onnx-int8" if row == "onnx-int8" else "onnx"
+    for flag, key in (("--onnx-export", onnx_key), ("--pair-onnx", "pairs"), ("--optimum-dir", "optimum")):
         if isinstance(paths.get(key), Path):
             cmd += [flag, str(paths[key])]
     done = subprocess.run(cmd, capture_output=True, text=True)
@@ -153,7 +156,8 @@ def plan(args) -> list[tuple[str, int, str, int]]:
     jobs = []
     for t in longest_first:
         jobs += [("fp32", t, "reference", n_pair), ("fp32", t, "hf-pairwise", n_pair), ("fp32", t, "torch", n_pair)]
-        jobs += [("fp32", t, row, n) for row in ("torch", "onnx") if t > 0] + [("fp32", t, "onnx", n_pair)] * (t == 0)
+        jobs += [("fp32", t, row, n) for row in ("torch", "onnx", "onnx-int8") if t > 0]
+        jobs += [("fp32", t, row, n_pair) for row in ("onnx", "onnx-int8") if t == 0]
     bf16_first = ["torch", "hf-pairwise"]
     jobs += [("bf16", t, row, args.bf16_items) for t in args.bf16_instruction_tokens for row in bf16_first if row in args.bf16_rows]
     jobs += [("fp32", t, row, n_pair) for t in longest_first for row in ("crossencoder", "ort-pairs", "optimum")]
@@ -198,6 +202,8 @@ def main() -> None:
     notes = []
     if "onnx" in args.rows:
         paths["onnx"] = darl_onnx_export(checkpoint)
+    if "onnx-int8" in args.rows:
+        paths["onnx-int8"] = darl_onnx_export(checkpoint, int8=True)
     if "ort-pairs" in args.rows:
         paths["pairs"] = export_pairs_onnx(hf_dir, checkpoint_cache(checkpoint) / "pairs.onnx")
     if "optimum" in args.rows:
@@ -232,7 +238,7 @@ def main() -> None:
             "dtype": dtype, "instruction": tokens, "items": n_items, "row": row,
             "items_per_s": n_items * len(lat) / sum(lat), "items_per_cpu_s": n_items * len(cpu) / sum(cpu),
             "p50_ms": 1000 * statistics.median(lat), "p95_ms": 1000 * float(np.percentile(lat, 95)),
-            "rss_mb": result["peak_rss_mb"], "dprob": diff, "ok": diff <= tolerance,
+            "rss_mb": result["peak_rss_mb"], "dprob": diff, "ok": None if row in LOSSY else diff <= tolerance,
             "gflop_per_item": work / (n_items * len(lat)) / 1e9, "flop_per_cpu_s": work / sum(cpu),
         })
         print(json.dumps(table[-1]), file=sys.stderr, flush=True)
@@ -267,7 +273,7 @@ def render(table, args, source, peaks, notes, loads, seconds, n_jobs) -> str:
         lines.append(
             f"| {r['dtype']} | {r['instruction']} | {r['items']} | {r['row']} | {r['items_per_s']:.2f} | "
             f"{r['items_per_cpu_s']:.2f} | {speedup} | {r['p50_ms']:.0f} | {r['p95_ms']:.0f} | {r['rss_mb']:.0f} | "
-            f"{r['dprob']:.1e} | {'yes' if r['ok'] else 'NO'} | {r['gflop_per_item']:.2f} | "
+            f"{r['dprob']:.1e} | {'lossy' if r['ok'] is None else 'yes' if r['ok'] else 'NO'} | {r['gflop_per_item']:.2f} | "
             f"{100 * r['flop_per_cpu_s'] / peak[r['dtype']]:.0f} |"
         )
     header = [

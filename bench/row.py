@@ -192,6 +192,7 @@ ROWS = {
     "reference": darl_row("reference"),
     "torch": darl_row("torch"),
     "onnx": darl_row("onnx"),
+    "onnx-int8": darl_row("onnx"),  # the same backend on the int8 export that --onnx-export names
     "hf-pairwise": hf_pairwise,
     "crossencoder": crossencoder,
     "ort-pairs": ort_pairs,

@@ -182,11 +182,11 @@ def merged_hf_folder(checkpoint: Path) -> Path:
     return out
 
 
-def darl_onnx_export(checkpoint: Path) -> Path:
+def darl_onnx_export(checkpoint: Path, int8: bool = False) -> Path:
     """darl_infer's own ONNX export (prefix graph + items graph) of `checkpoint`."""
-    out = checkpoint_cache(checkpoint) / "darl-onnx"
+    out = checkpoint_cache(checkpoint) / ("darl-onnx-int8" if int8 else "darl-onnx")
     if not out.is_dir():
         from darl_infer.onnx_export import export
 
-        export(checkpoint, out)
+        export(checkpoint, out, int8=int8)
     return out
