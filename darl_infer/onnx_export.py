@@ -255,13 +255,17 @@ def quantize_graph(path: Path) -> None:
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
+    graph = onnx.load(str(path), load_external_data=False).graph
+    matrices = {w.name for w in graph.initializer if len(w.dims) == 2}
+    # weight matrices only: not the (N, K) @ (K,) expected-score product at the end
+    weight_matmuls = [n.name for n in graph.node if n.op_type == "MatMul" and n.input[1] in matrices]
     fp32 = path.with_name(path.stem + ".fp32.onnx")
     path.rename(fp32)
     # ONNX shape inference cannot type the outputs of the optimizer's com.microsoft ops; every
     # tensor the quantizer asks about (MatMul outputs) is float
     options = {"DefaultTensorType": onnx.TensorProto.FLOAT}
     quantize_dynamic(str(fp32), str(path), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"],
-                     per_channel=True, reduce_range=True, extra_options=options)
+                     nodes_to_quantize=weight_matmuls, per_channel=True, reduce_range=True, extra_options=options)
     fp32.unlink()
 
 
