@@ -39,7 +39,6 @@ def test_default_model_torch_matches_reference(reference, dtype, tol):
     assert np.abs(alone - got.probs[2]).max() <= tol
 
 
-@pytest.mark.xfail(reason="default model v1 (2.6k pairs, plain CE) mostly predicts 'strong'; re-trained in the DaRL issue")
 def test_default_model_ranks_relevant_items_first(reference):
     ranked = reference.rank(QUERY, ITEMS)
     paint, faucet = 1, 6
