@@ -123,6 +123,8 @@ class StateStore:
                 self._load(other)
         missing = self._missing(sequences)
         if missing or self.instruction_states is None:
+            if missing:  # the one slow step of a cold run: say so before it starts
+                print(f"frozen-layer cache: computing {len(missing)} of {len(sequences)} pair states", flush=True)
             self.instruction_states, states = frozen.bottom(self.instruction, [list(s) for s in missing])
             self.memory.update(zip(missing, states))
             self.directory.mkdir(parents=True, exist_ok=True)
