@@ -23,7 +23,7 @@ setup(
         "onnx": ["onnx", "onnxruntime"],
         "gpu": ["triton"],
         "train": [],
-        "dev": ["pytest", "pytest-benchmark", "triton"],
+        "dev": ["pytest", "pytest-benchmark", "triton", "scikit-learn"],  # scikit-learn: the metrics oracle in tests
         # bench/: the latency suite and compare.py's peers (optimum needs its own venv, see bench/RESULTS.md)
         "bench": ["pytest", "pytest-benchmark", "sentence-transformers>=6", "onnx", "onnxruntime"],
     },
