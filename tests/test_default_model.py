@@ -1,10 +1,16 @@
-"""The embedded default model (real gemma3-270m base): exactness of the fast path. Marked slow."""
+"""The embedded default model (real gemma3-270m base): exactness of the fast path, and its
+published dev metrics. Marked slow."""
+
+import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from darl_infer import Scorer
 from darl_infer.scorer import DEFAULT_MODEL_DIR
+from darl_infer.training.data import read_pairs
+from darl_infer.training.evaluate import evaluate_pairs
 
 pytestmark = [
     pytest.mark.slow,
@@ -43,3 +49,24 @@ def test_default_model_ranks_relevant_items_first(reference):
     ranked = reference.rank(QUERY, ITEMS)
     paint, faucet = 1, 6
     assert {paint, faucet}.isdisjoint(r["corpus_id"] for r in ranked[:3])
+
+
+def published_dev_sets() -> list:
+    darl_json = DEFAULT_MODEL_DIR / "darl.json"
+    evaluation = json.loads(darl_json.read_text()).get("evaluation", {}) if darl_json.is_file() else {}
+    return [pytest.param(path, metrics, id=Path(path).parent.name) for path, metrics in evaluation.items()]
+
+
+@pytest.mark.parametrize("path, published", published_dev_sets())
+def test_default_model_dev_metrics_are_what_the_scorer_gives(shared_data, path, published):
+    """darl.json's figures were computed in training through the frozen-layer cache; the Scorer,
+    on the same seeded sample, must give them (up to float summation order: a pair or two may flip)."""
+    config = json.loads((DEFAULT_MODEL_DIR / "darl.json").read_text())["training"]["config"]
+    limit = next(d.get("limit") for d in config["dev"] if d["path"] == path)
+    seed = config["seed"] if config.get("data_seed") is None else config["data_seed"]
+    pairs = read_pairs(shared_data / Path(path).relative_to("../shared/data"), 3, limit, seed)
+    got = evaluate_pairs(Scorer.from_pretrained(), pairs)
+    assert got["n"] == published["n"]
+    for key in ("accuracy", "macro_f1", "ndcg@10"):
+        assert got[key] == pytest.approx(published[key], abs=2.5e-3), key
+    assert got["ece"] == pytest.approx(published["ece"], abs=2e-3)
