@@ -61,10 +61,11 @@ def published_dev_sets() -> list:
 def test_default_model_dev_metrics_are_what_the_scorer_gives(shared_data, path, published):
     """darl.json's figures were computed in training through the frozen-layer cache; the Scorer,
     on the same seeded sample, must give them (up to float summation order: a pair or two may flip)."""
-    config = json.loads((DEFAULT_MODEL_DIR / "darl.json").read_text())["training"]["config"]
+    spec = json.loads((DEFAULT_MODEL_DIR / "darl.json").read_text())
+    config = spec["training"]["config"]
     limit = next(d.get("limit") for d in config["dev"] if d["path"] == path)
     seed = config["seed"] if config.get("data_seed") is None else config["data_seed"]
-    pairs = read_pairs(shared_data / Path(path).relative_to("../shared/data"), 3, limit, seed)
+    pairs = read_pairs(shared_data / Path(path).relative_to("../shared/data"), len(spec["labels"]), limit, seed)
     got = evaluate_pairs(Scorer.from_pretrained(), pairs)
     assert got["n"] == published["n"]
     for key in ("accuracy", "macro_f1", "ndcg@10"):
