@@ -82,9 +82,12 @@ def test_train_checkpoint_scorer_round_trip(trained, data):
     # the stored metrics are what a freshly loaded Scorer gives, through either backend
     for backend in ("torch", "reference"):
         fresh = evaluate_pairs(Scorer.from_pretrained(trained, backend=backend), dev)
-        for key in ("accuracy", "macro_f1", "ndcg@10", "n"):
+        for key in ("accuracy", "macro_f1", "ndcg@10", "pairwise_accuracy", "n"):
             assert fresh[key] == pytest.approx(stored[key], abs=1e-6)
         assert fresh["ece"] == pytest.approx(stored["ece"], abs=1e-4)
+        for key in ("irrelevant_rate", "auc", "ndcg@10", "n"):
+            assert fresh["easy_negatives"][key] == pytest.approx(stored["easy_negatives"][key], abs=1e-6)
+        assert stored["easy_negatives"]["n"] > 0
     # and the model learned the rule (chance is ~1/3)
     assert stored["accuracy"] > 0.8
     assert spec["training"]["dasa"]["selected"] == 12 == spec["training"]["dasa"]["revealed_labels"]
@@ -138,7 +141,9 @@ def test_darl_eval_cli_prints_metrics_keyed_by_path(trained, data, capsys):
     out = json.loads(capsys.readouterr().out)
     assert set(out) == {str(data["dev"]), str(data["train"])}
     for metrics in out.values():
-        assert set(metrics) == {"accuracy", "macro_f1", "per_grade_f1", "ece", "ndcg@10", "n"}
+        assert set(metrics) == {"accuracy", "macro_f1", "per_grade_f1", "ece", "ndcg@10", "pairwise_accuracy",
+                                "pairwise_pairs", "n", "easy_negatives"}
+        assert set(metrics["easy_negatives"]) == {"irrelevant_rate", "auc", "ndcg@10", "queries", "n", "per_query", "seed"}
         assert len(metrics["per_grade_f1"]) == 3 and np.isclose(np.mean(metrics["per_grade_f1"]), metrics["macro_f1"])
     stored = json.loads((trained / "darl.json").read_text())["evaluation"][str(data["dev"])]
     assert out[str(data["dev"])]["accuracy"] == pytest.approx(stored["accuracy"])
@@ -292,7 +297,28 @@ def test_training_with_the_frozen_cache_matches_the_scorer(base, data, tmp_path)
                              stages=[{"name": "id", "steps": 8}, {"name": "ood", "data": "dasa", "replay": 0.5, "steps": 3}]))
     stored = json.loads((ckpt / "darl.json").read_text())["evaluation"][str(data["dev"])]
     fresh = evaluate_pairs(Scorer.from_pretrained(ckpt, backend="torch"), read_pairs(data["dev"]))
-    for key in ("accuracy", "macro_f1", "ndcg@10"):
+    for key in ("irrelevant_rate", "auc", "ndcg@10", "n"):  # the foreign items too: same draw, same scores
+        assert fresh["easy_negatives"][key] == pytest.approx(stored["easy_negatives"][key], abs=1e-5)
+    for key in ("accuracy", "macro_f1", "ndcg@10", "pairwise_accuracy"):
         assert fresh[key] == pytest.approx(stored[key], abs=1e-6)
     assert fresh["ece"] == pytest.approx(stored["ece"], abs=1e-4)
     assert any(cache.rglob("*.pt"))
+
+
+@pytest.mark.parametrize("kind", ["random", "hard"])
+def test_negatives_join_training_and_are_reported(base, data, tmp_path, kind):
+    stages = [{"name": "id", "data": "id", "steps": 6}, {"name": "ood", "data": "dasa", "replay": 0.5, "steps": 4}]
+    cfg = darl_config(base, data, tmp_path / kind, stages=stages, frozen_cache=str(tmp_path / "cache"),
+                      negatives={"ratio": 0.25, "kind": kind, "candidates": 3})
+    spec = json.loads((train(cfg) / "darl.json").read_text())
+    negatives = spec["training"]["negatives"]
+    assert negatives["random"] == 40 and negatives["kind"] == kind  # 0.25 x 160 training pairs
+    if kind == "hard":  # one candidate kept or dropped per drawn query
+        assert negatives["hard"]["mined"] + negatives["hard"]["dropped_as_likely_relevant"] == 40
+    assert spec["training"]["train_pairs"] == 160
+
+
+def test_hard_negatives_need_a_stage_to_mine_with(base, data, tmp_path):
+    cfg = config(base, data, tmp_path / "out", negatives={"ratio": 0.5, "kind": "hard"})
+    with pytest.raises(ValueError, match="two stages"):
+        train(cfg)

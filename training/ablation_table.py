@@ -1,7 +1,8 @@
 """Print the ablation table (markdown) from finished runs: `python -m darl_infer.training.ablation_table runs/ablation/*`.
 
-Columns: ID (first dev set) and OOD (second dev set) accuracy / macro-F1 / ECE, then NDCG@10,
-DASA selection summary, steps, pairs seen and minutes.
+Columns: for ID (first dev set) and OOD (second dev set): accuracy / macro-F1 / ECE / pairwise
+accuracy within queries / easy negatives graded irrelevant / AUC own vs easy negatives; then the
+negatives used, DASA selection summary, steps, pairs seen and minutes.
 """
 
 from __future__ import annotations
@@ -11,19 +12,30 @@ import sys
 from pathlib import Path
 
 
+COLUMNS = ("accuracy", "macro_f1", "ece", "pairwise_accuracy", "easy_negatives.irrelevant_rate", "easy_negatives.auc")
+
+
+def metric(metrics: dict | None, key: str) -> str:
+    """A metric's cell; "-" where the run (or an older run) did not report it."""
+    value = metrics
+    for part in key.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    return "-" if value is None else f"{value:.3f}"
+
+
 def row(directory: Path) -> str:
     spec = json.loads((directory / "darl.json").read_text())
     evaluation, training = spec["evaluation"], spec["training"]
     id_m, ood_m = (list(evaluation.values()) + [None, None])[:2]
-    blank = {"accuracy": float("nan"), "macro_f1": float("nan"), "ece": float("nan"), "ndcg@10": float("nan")}
-    id_m, ood_m = id_m or blank, ood_m or blank
     dasa = training.get("dasa") or {}
     selected = f"{dasa.get('method')} {dasa.get('selected')} {dasa.get('selected_label_counts')}" if dasa else "-"
+    negatives = training.get("negatives") or {}
+    used = f"{negatives['kind']} {negatives['random']}" + (f", mined {negatives['hard']['mined']}" if "hard" in negatives else "") if negatives else "-"
     minutes = training["train_seconds"] / 60
     cells = [
         directory.name,
-        *(f"{m[k]:.3f}" for m in (id_m, ood_m) for k in ("accuracy", "macro_f1", "ece")),
-        f"{id_m['ndcg@10']:.3f} / {ood_m['ndcg@10']:.3f}",
+        *(metric(m, k) for m in (id_m, ood_m) for k in COLUMNS),
+        used,
         selected,
         f"{training['steps']} ({training['pairs_seen']})" + (" (time budget hit)" if training["stopped_by_time_budget"] else ""),
         f"{minutes:.1f}",
@@ -33,8 +45,10 @@ def row(directory: Path) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     dirs = [Path(d) for d in (argv if argv is not None else sys.argv[1:]) if (Path(d) / "darl.json").is_file()]
-    print("| row | ID acc | ID macro-F1 | ID ECE | OOD acc | OOD macro-F1 | OOD ECE | NDCG@10 ID / OOD | DASA (method, n, label counts) | steps (pairs) | train min |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    names = ("acc", "macro-F1", "ECE", "pairwise", "neg irrel.", "neg AUC")
+    print("| row | " + " | ".join(f"{side} {n}" for side in ("ID", "OOD") for n in names)
+          + " | negatives | DASA (method, n, label counts) | steps (pairs) | train min |")
+    print("|---" * (2 * len(names) + 5) + "|")
     for d in dirs:
         print(row(d))
     return 0

@@ -1,7 +1,12 @@
 """`darl-eval [--checkpoint DIR] --data FILE.jsonl [--data ...]`: metrics of a checkpoint through the Scorer.
 
 Prints one JSON object keyed by each file's path, with accuracy, macro_f1, per_grade_f1, ece
-(15 bins), ndcg@10 (averaged over queries) and n. Without --checkpoint: the embedded default model.
+(15 bins), ndcg@10 (averaged over queries), pairwise_accuracy (over each query's item pairs with
+different labels; pairwise_pairs of them), n, and easy_negatives: for --negative-queries of the
+file's queries, --negatives-per-query items of other, unrelated queries of the same file (seeded,
+lexical-overlap guard): irrelevant_rate (share graded irrelevant), auc (own weak/strong items
+against those foreign items) and ndcg@10 over own + foreign items. See the README for the keys.
+Without --checkpoint: the embedded default model.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ import json
 import sys
 
 from .data import DataError, read_pairs
+from .evaluate import NEGATIVE_QUERIES, NEGATIVES_PER_QUERY
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -20,6 +26,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, default=None, help="evaluate a seeded random sample of this many pairs per file")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--backend", default="auto", help="Scorer backend (default: auto)")
+    parser.add_argument("--negative-queries", type=int, default=NEGATIVE_QUERIES,
+                        help=f"queries per file that are shown foreign items (default {NEGATIVE_QUERIES})")
+    parser.add_argument("--negatives-per-query", type=int, default=NEGATIVES_PER_QUERY,
+                        help=f"foreign items per such query (default {NEGATIVES_PER_QUERY})")
     args = parser.parse_args(argv)
 
     from darl_infer import Scorer
@@ -39,7 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     except (DataError, CheckpointError) as e:
         print(f"darl-eval: error: {e}", file=sys.stderr)
         return 2
-    json.dump({path: evaluate_pairs(scorer, pairs) for path, pairs in sets.items()}, sys.stdout, indent=2)
+    options = {"negative_queries": args.negative_queries, "negatives_per_query": args.negatives_per_query, "seed": args.seed}
+    json.dump({path: evaluate_pairs(scorer, pairs, **options) for path, pairs in sets.items()}, sys.stdout, indent=2)
     print()
     return 0
 

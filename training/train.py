@@ -36,8 +36,9 @@ from . import dasa as dasa_lib
 from .data import DataError, Pair, read_pairs
 from .features import pair_features
 from .frozen_cache import FrozenSplit, StateStore
-from .metrics import relevance_metrics
+from .evaluate import report
 from .loss import DaRLLoss, LossConfig, resolve_class_weights
+from .negatives import ForeignItems, NegativesConfig, random_negatives
 from .stages import StageConfig, batch_schedule, stage_pairs
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -77,6 +78,7 @@ class TrainConfig:
     template: dict = field(default_factory=dict)
     loss: dict = field(default_factory=dict)         # LossConfig fields; {} = plain cross-entropy
     dasa: dict | None = None                         # DasaConfig fields; None = no pool samples
+    negatives: dict | None = None                    # NegativesConfig fields; None = no negatives
     stages: list[dict] | None = None                 # StageConfig fields; None = one stage
     lora_rank: int = 16
     lora_alpha: int = 32
@@ -114,10 +116,17 @@ class TrainConfig:
         return stages
 
 
-def load_sets(specs: list[dict], num_labels: int, seed: int) -> list[Pair]:
-    pairs = []
-    for spec in specs:
-        pairs += read_pairs(spec["path"], num_labels, limit=spec.get("limit"), seed=seed)
+def load_sets(specs: list[dict], num_labels: int, seed: int) -> list[list[Pair]]:
+    return [read_pairs(spec["path"], num_labels, limit=spec.get("limit"), seed=seed) for spec in specs]
+
+
+def with_random_negatives(sets: list[list[Pair]], cfg: NegativesConfig | None, seed: int) -> list[Pair]:
+    """The ID pairs plus, per training file, ratio x its size negatives drawn from that same file
+    (a query only ever meets items of its own data set)."""
+    pairs = [p for s in sets for p in s]
+    if cfg is not None:
+        for n, s in enumerate(sets):
+            pairs += random_negatives(s, round(cfg.ratio * len(s)), seed + 7919 * n)
     return pairs
 
 
@@ -173,12 +182,40 @@ class Trainee:
         finally:
             self.peft_model.train()
 
+    def probs(self, pairs: list[tuple[str, str]]) -> np.ndarray:
+        _, logits = self.features(pairs)
+        return torch.tensor(logits).softmax(-1).numpy()
+
     def evaluate(self, pairs: list[Pair], grade_values: list[float]) -> dict:
         """Dev metrics from the in-memory model (the frozen-cache path; the Scorer gives the same)."""
-        _, logits = self.features([(p.query, p.item) for p in pairs])
-        probs = torch.tensor(logits).softmax(-1).numpy()
-        scores = probs @ np.array(grade_values, dtype=np.float32)
-        return relevance_metrics(probs, scores, np.array([p.label for p in pairs]), [p.query for p in pairs])
+        return report(self.probs, pairs, grade_values)
+
+
+def mine_hard_negatives(trainee: Trainee, cfg: NegativesConfig, sets: list[list[Pair]], seed: int) -> tuple[list[Pair], dict]:
+    """RocketQA-style: per negative, `candidates` guarded foreign items scored by the model as it is
+    now; keep the one it finds most relevant, unless P(not irrelevant) > denoise_threshold (a likely
+    false negative, dropped)."""
+    started = time.time()
+    mined: list[Pair] = []
+    dropped = 0
+    for n, s in enumerate(sets):
+        rng, foreign = random.Random(seed + 7919 * n), ForeignItems(s, seed + 7919 * n + 1)
+        queries = [rng.choice(s).query for _ in range(round(cfg.ratio * len(s)))]
+        candidates = [foreign.draw(q, cfg.candidates) for q in queries]
+        shown = [(q, item) for q, items in zip(queries, candidates) for item in items]
+        not_irrelevant = 1 - trainee.probs(shown)[:, 0] if shown else np.empty(0)
+        start = 0
+        for q, items in zip(queries, candidates):
+            if items:
+                c = int(not_irrelevant[start : start + len(items)].argmax())
+                if not_irrelevant[start + c] > cfg.denoise_threshold:
+                    dropped += 1
+                else:
+                    mined.append(Pair(q, items[c], 0))
+            start += len(items)
+    summary = {"kind": "hard", "mined": len(mined), "dropped_as_likely_relevant": dropped,
+               "candidates": cfg.candidates, "seconds": round(time.time() - started, 1)}
+    return mined, summary
 
 
 def run_dasa(trainee: Trainee, cfg: DasaConfig, id_pairs: list[Pair], num_labels: int, seed: int, data_seed: int) -> tuple[list[Pair], dict]:
@@ -214,9 +251,15 @@ def train(config: TrainConfig) -> Path:
     dasa_cfg = DasaConfig.from_dict(config.dasa) if config.dasa else None
     stages = config.stage_configs()
     data_seed = config.seed if config.data_seed is None else config.data_seed
-    id_pairs = load_sets(config.train, num_labels, data_seed)
-    if not id_pairs:
+    neg_cfg = NegativesConfig.from_dict(config.negatives) if config.negatives else None
+    if neg_cfg is not None and neg_cfg.kind == "hard" and len(stages) < 2:
+        raise ValueError("hard negatives are mined with the stage-1 model: they need at least two stages")
+    id_sets = load_sets(config.train, num_labels, data_seed)
+    rated_pairs = [p for s in id_sets for p in s]
+    if not rated_pairs:
         raise DataError("empty training set")
+    id_pairs = with_random_negatives(id_sets, neg_cfg, data_seed)
+    negatives_summary = None if neg_cfg is None else {**asdict(neg_cfg), "random": len(id_pairs) - len(rated_pairs)}
     dev_sets = {spec["path"]: read_pairs(spec["path"], num_labels, spec.get("limit"), data_seed) for spec in config.dev}
 
     template = Template.from_dict(config.template)
@@ -236,8 +279,12 @@ def train(config: TrainConfig) -> Path:
     stopped_early = False
     peft_model.train()
     for s, stage in enumerate(stages):
+        if s == 1 and neg_cfg is not None and neg_cfg.kind == "hard":  # replace stage 1's random negatives
+            mined, negatives_summary["hard"] = mine_hard_negatives(trainee, neg_cfg, id_sets, data_seed + 1)
+            id_pairs = rated_pairs + mined
+            print(f"hard negatives: {json.dumps(negatives_summary['hard'])}", flush=True)
         if stage.needs_dasa and dasa_pairs is None:
-            dasa_pairs, dasa_summary = run_dasa(trainee, dasa_cfg, id_pairs, num_labels, config.seed, data_seed)
+            dasa_pairs, dasa_summary = run_dasa(trainee, dasa_cfg, rated_pairs, num_labels, config.seed, data_seed)
             print(f"dasa: {json.dumps(dasa_summary)}", flush=True)
         pairs = stage_pairs(stage, id_pairs, dasa_pairs or [], config.seed + 1000 * s)
         if not pairs:
@@ -292,10 +339,11 @@ def train(config: TrainConfig) -> Path:
         "loss": loss_cfg.to_dict(),
         "stages": stage_log,
         "dasa": dasa_summary,
+        "negatives": negatives_summary,
         "steps": step,
         "stopped_by_time_budget": stopped_early,
         "pairs_seen": pairs_seen,
-        "train_pairs": len(id_pairs),
+        "train_pairs": len(rated_pairs),
         "train_seconds": round(train_seconds, 1),
         "final_loss": sum(losses[-50:]) / max(1, len(losses[-50:])),
     }
