@@ -25,6 +25,7 @@ import os
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from darl_infer.prefix_cache import PrefixRunner, SharedPrefixCache, _activate
 
@@ -63,7 +64,8 @@ class FrozenSplit:
             instruction_states, _ = self.runner.packed(empty, [instruction])
             cache = self.runner.prefix(instruction)
             states = []
-            for start in range(0, len(sequences), pairs_per_pass):
+            passes = range(0, len(sequences), pairs_per_pass)
+            for start in tqdm(passes, desc="frozen-layer states", unit="pass", disable=len(passes) < 10):
                 part = [torch.tensor(s, dtype=torch.long) for s in sequences[start : start + pairs_per_pass]]
                 hidden, cu = self.runner.packed(cache, part)
                 states += [hidden[cu[i] : cu[i + 1]].clone() for i in range(len(part))]
