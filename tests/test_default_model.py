@@ -71,3 +71,7 @@ def test_default_model_dev_metrics_are_what_the_scorer_gives(shared_data, path, 
     for key in ("accuracy", "macro_f1", "ndcg@10"):
         assert got[key] == pytest.approx(published[key], abs=2.5e-3), key
     assert got["ece"] == pytest.approx(published["ece"], abs=2e-3)
+    if "easy_negatives" in published:  # v4 on: the foreign-item draw is seeded, so the same items are scored
+        assert got["pairwise_accuracy"] == pytest.approx(published["pairwise_accuracy"], abs=2.5e-3)
+        for key in ("irrelevant_rate", "auc", "ndcg@10"):
+            assert got["easy_negatives"][key] == pytest.approx(published["easy_negatives"][key], abs=2.5e-3), key
