@@ -23,7 +23,7 @@ setup(
         "onnx": ["onnx", "onnxruntime"],
         "gpu": ["triton"],
         "train": [],
-        "dev": ["pytest", "pytest-benchmark", "triton", "scikit-learn"],  # scikit-learn: the metrics oracle in tests
+        "dev": ["pytest", "pytest-benchmark", "triton", "scikit-learn", "sentence-transformers>=6", "datasets"],  # scikit-learn: the metrics oracle; sentence-transformers + datasets: the peer trainer's tests
         # bench/: the latency suite and compare.py's peers (optimum needs its own venv, see bench/RESULTS.md)
         "bench": ["pytest", "pytest-benchmark", "sentence-transformers>=6", "onnx", "onnxruntime"],
         # training/peer_cross_encoder.py: the fine-tuned MiniLM cross-encoder peer (issue 12)
