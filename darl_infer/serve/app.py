@@ -52,6 +52,14 @@ def create_app(scorer, limits: Limits = Limits(), model_id: str = "darl", info: 
     app = FastAPI(title="darl_infer", lifespan=lifespan, exception_handlers=errors.HANDLERS)
     app.state.scheduler, app.state.metrics = scheduler, metrics
 
+    def grades(ranked: Ranked, i: int) -> dict:
+        """`return_grades=true`: the argmax grade's label and every grade's probability."""
+        labels = scorer.spec.labels
+        return {
+            "grade": labels[int(ranked.result.grades[i])],
+            "probabilities": {label: float(p) for label, p in zip(labels, ranked.result.probs[i])},
+        }
+
     @app.exception_handler(ClientGone)
     async def client_gone(request: Request, exc: ClientGone) -> Response:
         return Response(status_code=499)  # nginx's "client closed request": nobody reads it, the metric does
@@ -96,13 +104,6 @@ def create_app(scorer, limits: Limits = Limits(), model_id: str = "darl", info: 
         app.post(path, response_model=CohereRerankResponse, response_model_exclude_none=True, responses=ERROR_RESPONSES)(
             cohere_rerank
         )
-
-    def grades(ranked: Ranked, i: int) -> dict:
-        labels = scorer.spec.labels
-        return {
-            "grade": labels[int(ranked.result.grades[i])],
-            "probabilities": {label: float(p) for label, p in zip(labels, ranked.result.probs[i])},
-        }
 
     @app.get("/health")
     async def health():

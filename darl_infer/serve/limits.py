@@ -1,4 +1,6 @@
-"""The service's limits, one command-line flag each; defaults follow text-embeddings-inference's."""
+"""The service's limits, one command-line flag each. The request limits' defaults are
+text-embeddings-inference's; the step budget is smaller than TEI's 16384 so that one step stays
+short on a CPU, where a step's time grows with its tokens."""
 
 from __future__ import annotations
 

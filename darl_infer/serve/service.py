@@ -5,6 +5,10 @@ checkpoint's own encoder (the token counts the scheduler budgets with, and the t
 that make an over-long text a 413 when the client did not ask for truncation), queue, and wait
 for the result or for the client to go away, whichever comes first: a request whose client left
 is taken out of the queue before it is scored.
+
+Tokenizing here, on the event loop's thread, while the worker's `score_many` tokenizes too, is
+safe: the encoder asks its fast tokenizer for no truncation and no padding, so every call only
+reads the Rust tokenizer (its state changes, and two threads could collide, only when those differ).
 """
 
 from __future__ import annotations
