@@ -234,7 +234,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-requests", type=int, default=200, help="requests per step at most")
     p.add_argument("--duration", type=float, default=120.0, help="seconds of arrivals per step at most")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds a request may take before it counts as lost")
-    p.add_argument("--max-concurrent-requests", type=int, default=64, help="darl's admission limit (429 beyond)")
+    p.add_argument("--max-concurrent-requests", type=int, default=64,
+                   help="darl's admission limit (429 beyond); keep it under --timeout x its req/s, or requests "
+                        "admitted under overload wait past --timeout and count as lost")
     p.add_argument("--start-timeout", type=float, default=900.0)
     p.add_argument("--out", type=Path, default=None, help="markdown report (default: stdout)")
     p.add_argument("--json", type=Path, default=None, help="every step's raw figures")
