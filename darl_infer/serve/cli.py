@@ -1,0 +1,80 @@
+"""`darl-infer serve` (and `python -m darl_infer.serve`): load a checkpoint, serve it with uvicorn.
+
+SIGTERM: uvicorn stops accepting, answers what is in flight (up to --graceful-timeout), the app's
+shutdown ends the model worker, and the process exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+from pathlib import Path
+
+from .limits import Limits
+
+EXTRA_HINT = "darl-infer serve needs the 'serve' extra: pip install 'darl-infer[serve]' (fastapi, uvicorn, prometheus-client)"
+PREFIX_CACHE_NOTE = (
+    "--prefix-cache-mb has no effect yet: the Scorer's public API keeps no prefix between calls, so "
+    "only requests of the same query in one scoring step share a prefix run"
+)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    d = Limits()
+    p.add_argument("--checkpoint", default=None, help="checkpoint directory (default: the embedded default model)")
+    p.add_argument("--backend", default="auto", help="reference, torch, triton, onnx or auto (the Scorer's choice)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--model-id", default=None, help="the model name responses carry (default: the checkpoint's directory name)")
+    p.add_argument("--max-client-batch-size", type=int, default=d.max_client_batch_size, help="documents per request; more is 413")
+    p.add_argument("--payload-limit", type=int, default=d.payload_limit, help="request body bytes; more is 413")
+    p.add_argument("--max-concurrent-requests", type=int, default=d.max_concurrent_requests,
+                   help="requests in flight; more is 429 with Retry-After")
+    p.add_argument("--max-batch-tokens", type=int, default=d.max_batch_tokens,
+                   help="tokens (each query's prefix once + items) the worker scores in one step")
+    p.add_argument("--prefix-cache-mb", type=int, default=d.prefix_cache_mb, help="recent-prefix LRU budget (no effect yet)")
+    p.add_argument("--graceful-timeout", type=int, default=30, help="seconds to finish in-flight requests after SIGTERM")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        import fastapi  # noqa: F401
+        import prometheus_client  # noqa: F401
+        import uvicorn
+    except ImportError:
+        raise SystemExit(EXTRA_HINT) from None
+    from darl_infer import Scorer
+
+    from .app import create_app
+
+    try:
+        limits = Limits(
+            max_client_batch_size=args.max_client_batch_size, payload_limit=args.payload_limit,
+            max_concurrent_requests=args.max_concurrent_requests, max_batch_tokens=args.max_batch_tokens,
+            prefix_cache_mb=args.prefix_cache_mb,
+        )
+        scorer = Scorer.from_pretrained(args.checkpoint, backend=args.backend, dtype=args.dtype)
+    except (ValueError, OSError) as e:  # bad flag values, an unknown backend, a broken checkpoint
+        raise SystemExit(f"darl-infer serve: {e}") from None
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if limits.prefix_cache_mb:
+        logging.getLogger("darl_infer.serve").warning(PREFIX_CACHE_NOTE)
+    checkpoint = str(args.checkpoint or "default")
+    info = {"checkpoint": checkpoint, "backend": args.backend, "dtype": args.dtype}  # as requested: "auto" stays "auto"
+    model_id = args.model_id or (Path(args.checkpoint).name if args.checkpoint else "darl-default")
+    app = create_app(scorer, limits, model_id=model_id, info=info)
+    config = uvicorn.Config(app, host=args.host, port=args.port, timeout_graceful_shutdown=args.graceful_timeout)
+    # uvicorn handles SIGTERM (graceful shutdown), then raises it again under the handler it found:
+    # with this one that second delivery ends nothing and the process exits 0
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    uvicorn.Server(config).run()
+    return 0
+
+
+def serve_main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="darl-infer serve", description=__doc__)
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+

@@ -1,0 +1,25 @@
+"""The service's limits, one command-line flag each. The request limits' defaults are
+text-embeddings-inference's; the step budget is smaller than TEI's 16384 so that one step stays
+short on a CPU, where a step's time grows with its tokens."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_client_batch_size: int = 1000     # documents per request; more is 413
+    payload_limit: int = 2_000_000        # request body bytes; more is 413
+    max_concurrent_requests: int = 512    # requests admitted and not yet answered; more is 429
+    max_batch_tokens: int = 8192          # tokens (each prefix once + items) per scoring step
+    prefix_cache_mb: int = 0              # recent-prefix LRU budget: accepted, no effect yet (see cli.py)
+
+    def __post_init__(self):
+        for name, value in asdict(self).items():
+            minimum = 0 if name == "prefix_cache_mb" else 1
+            if not isinstance(value, int) or value < minimum:
+                raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)

@@ -1,0 +1,459 @@
+"""darl-infer serve: each endpoint's schema, scores equal to the Scorer's, every bad request,
+batching (concurrent == sequential, one prefix run per query), overload, a failing step, a client
+that leaves, and a real uvicorn server (the official Cohere client, SIGTERM)."""
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+
+import cohere
+import httpx
+import numpy as np
+import pytest
+
+from conftest import ragged_items
+from darl_infer import Scorer
+from darl_infer.serve.app import create_app
+from darl_infer.serve.batching import BatchPlan, Request
+from darl_infer.serve.limits import Limits
+from tiny_models import random_text
+
+
+@pytest.fixture(scope="module")
+def scorer(tiny_checkpoints):
+    return Scorer.from_pretrained(tiny_checkpoints["llama"], backend="torch", token_budget=64)
+
+
+class Gated:
+    """The Scorer's public API with a hand on the model worker: each score_many call is recorded,
+    waits until `open` is set, and fails when its number (1-based) is in `fail`."""
+
+    def __init__(self, scorer):
+        self.spec, self.encoder, self._scorer = scorer.spec, scorer.encoder, scorer
+        self.open, self.calls, self.fail = threading.Event(), [], set()
+
+    def score_many(self, batch):
+        self.calls.append(batch)
+        assert self.open.wait(30), "test gate never opened"
+        if len(self.calls) in self.fail:
+            raise RuntimeError("injected failure")
+        return self._scorer.score_many(batch)
+
+
+@asynccontextmanager
+async def serving(app):
+    """The app with its lifespan (the model worker) running, and an HTTP client in-process."""
+    async with app.router.lifespan_context(app):
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+            yield client
+
+
+def call(app, *requests):
+    """POST each (path, json) in turn and return the responses."""
+
+    async def go():
+        async with serving(app) as client:
+            return [await client.post(path, json=body) for path, body in requests]
+
+    return asyncio.run(go())
+
+
+async def until(condition, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached"
+        await asyncio.sleep(0.005)
+
+
+def metric(app, name, **labels):
+    return app.state.metrics.registry.get_sample_value(name, labels) or 0.0
+
+
+# --- schemas and exactness ----------------------------------------------------------------------
+
+
+def test_tei_rerank_equals_scorer_rank(scorer, rng):
+    items = ragged_items(rng, 9) + ["w1 w2 w3"]
+    app = create_app(scorer)
+    plain, raw, full = call(
+        app,
+        ("/rerank", {"query": "w1 w2", "texts": items}),
+        ("/rerank", {"query": "w1 w2", "texts": items, "raw_scores": True}),
+        ("/rerank", {"query": "w1 w2", "texts": items, "return_text": True, "return_grades": True, "truncate": True}),
+    )
+    ranked, probs = scorer.rank("w1 w2", items), scorer.score("w1 w2", items).probs
+    for response in (plain, raw, full):
+        assert response.status_code == 200
+        assert [r["index"] for r in response.json()] == [r["corpus_id"] for r in ranked]
+    assert set(plain.json()[0]) == {"index", "score"}
+    np.testing.assert_allclose([r["score"] for r in raw.json()], [r["score"] for r in ranked], atol=1e-5)
+    np.testing.assert_allclose([r["score"] for r in plain.json()], [r["score"] / 2 for r in ranked], atol=1e-5)
+    for row in full.json():
+        i = row["index"]
+        assert row["text"] == items[i] and row["grade"] == scorer.labels[int(probs[i].argmax())]
+        assert list(row["probabilities"]) == scorer.labels
+        np.testing.assert_allclose(list(row["probabilities"].values()), probs[i], atol=1e-5)
+
+
+@pytest.mark.parametrize("path", ["/v2/rerank", "/v1/rerank"])
+def test_cohere_rerank_schema_and_scores(scorer, rng, path):
+    items = ragged_items(rng, 8) + [random_text(rng, 100)]  # over max_item_tokens: Cohere cuts, no 413
+    documents = items[:4] + [{"text": t} for t in items[4:]]  # strings (Cohere) and objects (Jina)
+    app = create_app(scorer, model_id="tiny")
+    top, full = call(
+        app,
+        (path, {"model": "anything", "query": "w5 w6", "documents": documents, "top_n": 3}),
+        (path, {"query": "w5 w6", "documents": documents, "return_documents": True, "return_grades": True}),
+    )
+    ranked, enc = scorer.rank("w5 w6", items), scorer.encoder.encode("w5 w6", items)
+    assert top.status_code == full.status_code == 200
+    body = top.json()
+    assert set(body) == {"id", "model", "results", "usage"} and body["model"] == "tiny" and uuid.UUID(body["id"])
+    assert body["usage"] == {"total_tokens": len(enc.prefix) + sum(map(len, enc.suffixes))}
+    assert [r["index"] for r in body["results"]] == [r["corpus_id"] for r in ranked[:3]]
+    assert set(body["results"][0]) == {"index", "relevance_score"}
+    results = full.json()["results"]
+    np.testing.assert_allclose([r["relevance_score"] for r in results], [r["score"] / 2 for r in ranked], atol=1e-5)
+    assert all(0 <= r["relevance_score"] <= 1 for r in results)
+    assert all(r["document"] == {"text": items[r["index"]]} and r["grade"] in scorer.labels for r in results)
+
+
+def test_health_info_metrics(scorer):
+    app = create_app(scorer, Limits(max_batch_tokens=999), model_id="tiny", info={"backend": "torch"})
+
+    async def go():
+        async with serving(app) as client:
+            await client.post("/rerank", json={"query": "w1", "texts": ["w2", "w3"]})
+            return [await client.get(p) for p in ("/health", "/info", "/metrics")]
+
+    health, info, metrics = asyncio.run(go())
+    assert health.json() == {"status": "ok"}
+    info = info.json()
+    assert info["model_id"] == "tiny" and info["backend"] == "torch" and info["labels"] == scorer.labels
+    assert info["template"] == {"max_query_tokens": 64, "max_item_tokens": 64} and info["limits"]["max_batch_tokens"] == 999
+    text = metrics.text
+    assert 'darl_requests_total{endpoint="/rerank",outcome="200"} 1.0' in text
+    for name in ("darl_request_duration_seconds_bucket", "darl_queue_duration_seconds_bucket", "darl_inference_duration_seconds_bucket",
+                 "darl_batch_items_bucket", "darl_batch_tokens_bucket", "darl_prefix_cache_hits_total", "darl_requests_in_flight"):
+        assert name in text
+    assert metric(app, "darl_batch_items_sum") == 2
+
+
+# --- bad requests --------------------------------------------------------------------------------
+
+
+LONG = " ".join(["w9"] * 70)  # 70 tokens: over the tiny checkpoint's 64-token query and item limits
+
+
+@pytest.mark.parametrize(
+    "path, body, status, error_type, message",
+    [
+        ("/rerank", {"query": "w1", "texts": []}, 400, "Empty", "empty"),
+        ("/v2/rerank", {"model": "m", "query": "w1", "documents": []}, 400, "Empty", "empty"),
+        ("/rerank", {"query": "   ", "texts": ["w1"]}, 400, "Empty", "query is empty"),
+        ("/rerank", b'{"query": "w1", "texts": ["w2"', 422, "Validation", "malformed JSON"),
+        ("/rerank", {"texts": ["w2"]}, 422, "Validation", "query: Field required"),
+        ("/rerank", {"query": "w1", "texts": "w2"}, 422, "Validation", "texts"),
+        ("/rerank", {"query": "w1", "texts": ["w2", 3]}, 422, "Validation", "texts.1"),
+        ("/rerank", {"query": "w1", "texts": ["w2"], "raw_scores": "true"}, 422, "Validation", "raw_scores"),
+        ("/rerank", {"query": "w1", "texts": ["w2"], "truncation_direction": "Left"}, 422, "Validation", "Left"),
+        ("/v2/rerank", {"query": "w1", "documents": ["w2"], "top_n": 0}, 422, "Validation", "top_n"),
+        ("/v2/rerank", {"query": "w1", "documents": [{"title": "w2"}]}, 422, "Validation", "documents.0"),
+        ("/rerank", {"query": "w1", "texts": ["w2"] * 5}, 413, "Validation", "at most 4"),
+        ("/v2/rerank", {"query": "w1", "documents": ["w2"] * 5}, 413, "Validation", "at most 4"),
+        ("/rerank", {"query": "w1", "texts": ["w2 " * 700]}, 413, "Validation", "payload-limit"),
+        ("/rerank", {"query": "w1", "texts": ["w2", LONG]}, 413, "Validation", "texts [1]"),
+        ("/rerank", {"query": "w1", "texts": ["w2", LONG], "truncate": False}, 413, "Validation", "texts [1]"),
+        ("/rerank", {"query": LONG, "texts": ["w2"]}, 413, "Validation", "the query is over"),
+    ],
+)
+def test_bad_request(scorer, path, body, status, error_type, message):
+    app = create_app(scorer, Limits(max_client_batch_size=4, payload_limit=2000))
+
+    async def go():
+        async with serving(app) as client:
+            if isinstance(body, bytes):
+                return await client.post(path, content=body, headers={"content-type": "application/json"})
+            return await client.post(path, json=body)
+
+    response = asyncio.run(go())
+    assert response.status_code == status
+    assert response.json()["error_type"] == error_type and message in response.json()["error"]
+    assert metric(app, "darl_requests_total", endpoint=path, outcome=str(status)) == 1
+
+
+def test_chunked_body_over_payload_limit_is_413(scorer):
+    app = create_app(scorer, Limits(payload_limit=100))
+
+    async def chunks():  # no Content-Length: the limit is counted as the body arrives
+        for _ in range(10):
+            yield b'{"query": "w1", "texts": ["w2 w3 w4 w5 w6"]}'
+
+    async def go():
+        async with serving(app) as client:
+            return await client.post("/rerank", content=chunks(), headers={"content-type": "application/json"})
+
+    assert asyncio.run(go()).status_code == 413
+
+
+def test_truncate_true_scores_the_cut_text(scorer):
+    items = ["w2", LONG]
+    (response,) = call(create_app(scorer), ("/rerank", {"query": "w1", "texts": items, "truncate": True, "raw_scores": True}))
+    got = {r["index"]: r["score"] for r in response.json()}
+    np.testing.assert_allclose([got[0], got[1]], scorer.score("w1", items).scores, atol=1e-5)
+
+
+# --- batching across requests --------------------------------------------------------------------
+
+
+def test_concurrent_requests_equal_sequential_and_share_one_prefix_run(scorer, rng):
+    gate = Gated(scorer)
+    app = create_app(gate)
+    queries = ["w1 w2", "w3", "w4 w5 w6"]
+    pool = ragged_items(rng, 12, max_tokens=20)
+    bodies = [{"query": queries[n % 3], "texts": rng.sample(pool, 5), "raw_scores": True} for n in range(9)]
+
+    async def go():
+        async with serving(app) as client:
+            blocker = asyncio.ensure_future(client.post("/rerank", json={"query": "w7", "texts": ["w8"]}))
+            await until(lambda: len(gate.calls) == 1)  # the worker is busy: the next 9 queue up
+            pending = [asyncio.ensure_future(client.post("/rerank", json=b)) for b in bodies]
+            await until(lambda: metric(app, "darl_queue_requests") == 9)
+            gate.open.set()
+            concurrent = await asyncio.gather(*pending)
+            await blocker
+            sequential = [await client.post("/rerank", json=b) for b in bodies]
+            return concurrent, sequential
+
+    concurrent, sequential = asyncio.run(go())
+    for body, c, s in zip(bodies, concurrent, sequential):
+        assert c.status_code == s.status_code == 200
+        assert [r["index"] for r in c.json()] == [r["index"] for r in s.json()]
+        np.testing.assert_allclose([r["score"] for r in c.json()], [r["score"] for r in s.json()], atol=1e-5)
+        ranked = scorer.rank(body["query"], body["texts"])
+        assert [r["index"] for r in c.json()] == [r["corpus_id"] for r in ranked]
+    step = gate.calls[1]  # all nine in one score_many call: one entry per query, items deduplicated
+    assert sorted(q for q, _ in step) == sorted(queries)
+    for query, items in step:
+        assert len(items) == len(set(items)) == len({t for b in bodies if b["query"] == query for t in b["texts"]})
+    assert metric(app, "darl_prefix_cache_hits_total") == 6  # 9 requests, 3 prefix runs
+
+
+def test_token_budget_cuts_steps_in_order_and_same_query_joins(scorer):
+    enc = scorer.encoder.encode("w1", ["w2"])
+    prefix, item = len(enc.prefix), len(enc.suffixes[0])  # a one-word query's prefix; a one-word item + cue
+    gate = Gated(scorer)
+    app = create_app(gate, Limits(max_batch_tokens=2 * (prefix + 2 * item) + item))  # the first, second and fourth
+    bodies = [
+        {"query": "w1", "texts": ["w2", "w3"]},
+        {"query": "w4", "texts": ["w5", "w6"]},
+        {"query": "w7", "texts": [" ".join(["w8"] * 30)]},  # does not fit after the first two: the next step
+        {"query": "w1", "texts": ["w3", "w9"]},  # behind it, but the first one's query: joins the first step
+    ]
+
+    async def go():
+        async with serving(app) as client:
+            blocker = asyncio.ensure_future(client.post("/rerank", json={"query": "w10", "texts": ["w11"]}))
+            await until(lambda: len(gate.calls) == 1)
+            pending = [asyncio.ensure_future(client.post("/rerank", json=b)) for b in bodies]
+            await until(lambda: metric(app, "darl_queue_requests") == 4)
+            gate.open.set()
+            return await asyncio.gather(blocker, *pending)
+
+    assert all(r.status_code == 200 for r in asyncio.run(go()))
+    assert gate.calls[1:] == [
+        [("w1", ["w2", "w3", "w9"]), ("w4", ["w5", "w6"])],
+        [("w7", [" ".join(["w8"] * 30)])],
+    ]
+
+
+def test_batch_plan_counts_each_prefix_and_item_once():
+    plan = BatchPlan()
+    a = Request("q", ["x", "y", "x"], prefix_tokens=10, item_tokens=[3, 4, 3])
+    b = Request("q", ["y", "z"], prefix_tokens=10, item_tokens=[4, 5])
+    assert plan.cost(a) == 17
+    plan.add(a)
+    assert plan.cost(b) == 5
+    plan.add(b)
+    assert (plan.tokens, plan.items, plan.shared, plan.batch()) == (22, 3, 1, [("q", ["x", "y", "z"])])
+
+
+# --- overload, failures, disconnects -------------------------------------------------------------
+
+
+def test_queue_full_is_429_with_retry_after(scorer):
+    gate = Gated(scorer)
+    app = create_app(gate, Limits(max_concurrent_requests=1))
+    body = {"query": "w1", "texts": ["w2"]}
+
+    async def go():
+        async with serving(app) as client:
+            first = asyncio.ensure_future(client.post("/rerank", json=body))
+            await until(lambda: len(gate.calls) == 1)
+            refused = await client.post("/rerank", json=body)
+            gate.open.set()
+            return refused, await first, await client.post("/rerank", json=body)
+
+    refused, first, after = asyncio.run(go())
+    assert refused.status_code == 429 and refused.headers["retry-after"] == "1"
+    assert refused.json()["error_type"] == "Overloaded"
+    assert first.status_code == after.status_code == 200
+
+
+def test_failing_step_is_500_for_its_requests_only(scorer):
+    gate = Gated(scorer)
+    gate.fail = {1}
+    app = create_app(gate)
+    body = {"query": "w1", "texts": ["w2", "w3"], "raw_scores": True}
+
+    async def go():
+        async with serving(app) as client:
+            doomed = asyncio.ensure_future(client.post("/rerank", json=body))
+            await until(lambda: len(gate.calls) == 1)
+            queued = asyncio.ensure_future(client.post("/rerank", json={**body, "query": "w4"}))
+            await until(lambda: metric(app, "darl_queue_requests") == 1)
+            gate.open.set()
+            return await doomed, await queued, await client.post("/rerank", json=body), await client.get("/health")
+
+    doomed, queued, again, health = asyncio.run(go())
+    assert doomed.status_code == 500 and doomed.json() == {"error": "scoring failed: RuntimeError: injected failure", "error_type": "Backend"}
+    assert queued.status_code == again.status_code == health.status_code == 200
+    np.testing.assert_allclose(sorted(r["score"] for r in again.json()), sorted(scorer.score("w1", ["w2", "w3"]).scores), atol=1e-5)
+
+
+def asgi_post(app, path: str, body: dict, gone: asyncio.Event):
+    """A raw ASGI request whose client disconnects when `gone` is set; returns what the app sent."""
+    payload = json.dumps(body).encode()
+    inbox = [{"type": "http.request", "body": payload, "more_body": False}]
+    sent = []
+
+    async def receive():
+        if inbox:
+            return inbox.pop()
+        await gone.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+        "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "",
+        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())],
+        "client": ("127.0.0.1", 1), "server": ("test", 80),
+    }
+    return app(scope, receive, send), sent
+
+
+def test_disconnected_client_is_dropped_before_scoring(scorer):
+    gate = Gated(scorer)
+    app = create_app(gate)
+
+    async def go():
+        async with serving(app) as client:
+            first = asyncio.ensure_future(client.post("/rerank", json={"query": "w1", "texts": ["w2"]}))
+            await until(lambda: len(gate.calls) == 1)
+            gone = asyncio.Event()
+            handle, _ = asgi_post(app, "/rerank", {"query": "w3", "texts": ["w4", "w5"]}, gone)
+            leaver = asyncio.ensure_future(handle)
+            await until(lambda: metric(app, "darl_queue_requests") == 1)
+            gone.set()
+            await leaver
+            assert metric(app, "darl_queue_requests") == 0
+            gate.open.set()
+            return await first
+
+    assert asyncio.run(go()).status_code == 200
+    assert gate.calls == [[("w1", ["w2"])]]  # the leaver's query never reached the model
+    assert metric(app, "darl_requests_total", endpoint="/rerank", outcome="499") == 1
+
+
+# --- command line and a real server --------------------------------------------------------------
+
+
+def test_serve_names_the_missing_extra(monkeypatch):
+    from darl_infer.serve import serve_main
+
+    monkeypatch.setitem(sys.modules, "uvicorn", None)  # an import of it now raises ImportError
+    with pytest.raises(SystemExit, match=r"pip install 'darl-infer\[serve\]'"):
+        serve_main(["--port", "1"])
+
+
+def test_darl_infer_has_a_serve_subcommand():
+    from darl_infer.cli import build_parser
+    from darl_infer.serve.cli import run
+
+    args = build_parser().parse_args(["serve", "--port", "9000", "--max-concurrent-requests", "8"])
+    assert args.func is run and args.port == 9000 and args.max_concurrent_requests == 8 and args.host == "127.0.0.1"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until_healthy(url: str, proc: subprocess.Popen, timeout: float = 180.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, "the server exited during start-up"
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    raise AssertionError("the server did not become healthy")
+
+
+def test_real_server_cohere_client_then_sigterm(tiny_checkpoints, scorer, rng, tmp_path):
+    """One uvicorn process (its start-up is most of this test's time): the official Cohere client
+    unchanged; then SIGTERM with a request in flight: that request is answered, new connections are
+    refused meanwhile, and the process exits 0."""
+    port, log = free_port(), open(tmp_path / "server.log", "w")
+    url = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "darl_infer.serve", "--checkpoint", str(tiny_checkpoints["llama"]), "--backend", "torch",
+         "--port", str(port), "--graceful-timeout", "60"],
+        stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    try:
+        wait_until_healthy(url, proc)
+        items = ragged_items(rng, 10)
+        response = cohere.ClientV2(base_url=url, api_key="x").rerank(model="tiny", query="w1 w2", documents=items, top_n=4)
+        ranked = scorer.rank("w1 w2", items, top_k=4)
+        assert [r.index for r in response.results] == [r["corpus_id"] for r in ranked]
+        np.testing.assert_allclose([r.relevance_score for r in response.results], [r["score"] / 2 for r in ranked], atol=1e-5)
+
+        big = {"query": "w3", "texts": [random_text(rng, 64) for _ in range(1000)]}  # seconds of work here
+        with ThreadPoolExecutor(1) as pool:
+            in_flight = pool.submit(httpx.post, f"{url}/rerank", json=big, timeout=120)
+            while "darl_requests_in_flight 1.0" not in httpx.get(f"{url}/metrics", timeout=5).text:
+                assert not in_flight.done(), "the big request finished before it could be caught in flight"
+                time.sleep(0.02)
+            proc.send_signal(signal.SIGTERM)
+            refused = False
+            while not in_flight.done() and not refused:
+                try:
+                    httpx.get(f"{url}/health", timeout=1)
+                except httpx.ConnectError:
+                    refused = True
+                time.sleep(0.02)
+            answer = in_flight.result()
+        assert refused, "the server kept accepting connections after SIGTERM"
+        assert answer.status_code == 200 and len(answer.json()) == 1000
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        log.close()
