@@ -170,7 +170,7 @@ def merged_hf_folder(checkpoint: Path) -> Path:
     """A plain HF folder of `checkpoint` (adapter merged, score head in) for the peers that load one."""
     out = checkpoint_cache(checkpoint) / "hf"
     if not (out / "config.json").is_file():
-        from darl_infer.model import load_checkpoint_model
+        from darl_infer.loading import load_checkpoint_model
 
         spec = CheckpointSpec.load(checkpoint)
         model, tokenizer = load_checkpoint_model(checkpoint, spec, torch.float32, torch.device("cpu"))
@@ -186,7 +186,7 @@ def darl_onnx_export(checkpoint: Path, int8: bool = False) -> Path:
     """darl_infer's own ONNX export (prefix graph + items graph) of `checkpoint`."""
     out = checkpoint_cache(checkpoint) / ("darl-onnx-int8" if int8 else "darl-onnx")
     if not out.is_dir():
-        from darl_infer.onnx_export import export
+        from darl_infer.backends.onnx_export import export
 
         export(checkpoint, out, int8=int8)
     return out

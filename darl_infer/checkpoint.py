@@ -16,6 +16,7 @@ from .template import Template
 
 FORMAT_VERSION = 1
 SPEC_FILE = "darl.json"
+DEFAULT_MODEL_DIR = Path(__file__).parent / "default_model"
 
 
 class CheckpointError(ValueError):
@@ -56,19 +57,15 @@ class CheckpointSpec:
 
     @classmethod
     def load(cls, directory: str | Path) -> "CheckpointSpec":
-        path = Path(directory) / SPEC_FILE
-        if not path.is_file():
-            raise CheckpointError(f"{path}: missing (not a darl_infer checkpoint)")
-        try:
-            d = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+        return cls.from_dict(read_spec(directory), Path(directory) / SPEC_FILE)
+
+    @classmethod
+    def from_dict(cls, d: dict, path: Path) -> "CheckpointSpec":
+        """Validate darl.json's content `d` (read from `path`, which errors name)."""
 
         def bad(fld: str, why: str):
             return CheckpointError(f"{path}: field {fld!r} {why}")
 
-        if not isinstance(d, dict):
-            raise CheckpointError(f"{path}: must hold a JSON object")
         if d.get("format_version") != FORMAT_VERSION:
             raise bad("format_version", f"is {d.get('format_version')!r}; this darl_infer reads {FORMAT_VERSION}")
         labels = d.get("labels")
@@ -99,6 +96,30 @@ class CheckpointSpec:
             training=d.get("training", {}),
             evaluation=d.get("evaluation", {}),
         )
+
+
+def read_spec(directory: str | Path) -> dict:
+    """darl.json of a checkpoint or export directory, parsed once per load; errors name the file."""
+    path = Path(directory) / SPEC_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing (not a darl_infer checkpoint)")
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise CheckpointError(f"{path}: must hold a JSON object")
+    return d
+
+
+def resolve_checkpoint(name_or_path: str | Path | None) -> Path:
+    """The checkpoint directory: `None` or "default" is the embedded default model."""
+    if name_or_path is None or name_or_path == "default":
+        return DEFAULT_MODEL_DIR
+    path = Path(name_or_path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: checkpoint directory not found")
+    return path
 
 
 def check_weights(directory: Path, spec: CheckpointSpec) -> None:

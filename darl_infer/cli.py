@@ -8,7 +8,8 @@ import sys
 from itertools import groupby
 
 from .jsonl import DataError, iter_rows
-from .scorer import BACKEND_CHOICES, Scorer
+from .backends import BACKEND_CHOICES
+from .scorer import Scorer
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -65,7 +66,7 @@ def cmd_score(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .onnx_export import export
+    from .backends.onnx_export import export
 
     section = export(args.checkpoint, args.out_dir, optimize=not args.no_optimize, int8=args.int8)
     print(f"exported to {args.out_dir}: {', '.join(section['files'])}")

@@ -12,27 +12,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoint import CheckpointError, CheckpointSpec
-from .model import load_checkpoint_model, resolve_dtype
-from .onnx_export import is_onnx_export
+from .backends import BACKEND_CHOICES, backend_class
+from .backends.onnx_format import is_onnx_export
+from .checkpoint import SPEC_FILE, CheckpointSpec, read_spec, resolve_checkpoint
+from .loading import load_checkpoint_model, resolve_dtype
 from .template import check_text
-
-DEFAULT_MODEL_DIR = Path(__file__).parent / "default_model"
-# imported on first use: triton and onnxruntime are optional extras
-BACKENDS = {
-    "reference": "darl_infer.backends:ReferenceBackend",
-    "torch": "darl_infer.backends:TorchBackend",
-    "triton": "darl_infer.triton_backend:TritonBackend",
-    "onnx": "darl_infer.onnx_backend:OnnxBackend",
-}
-BACKEND_CHOICES = ("auto", *BACKENDS)
-
-
-def backend_class(name: str):
-    if name not in BACKENDS:
-        raise ValueError(f"unknown backend {name!r}; choose one of {list(BACKEND_CHOICES)}")
-    module, cls = BACKENDS[name].split(":")
-    return getattr(importlib.import_module(module), cls)
 
 
 @dataclass
@@ -45,15 +29,6 @@ class ScoreResult:
 
     def __len__(self) -> int:
         return len(self.scores)
-
-
-def resolve_checkpoint(name_or_path: str | Path | None) -> Path:
-    if name_or_path is None or name_or_path == "default":
-        return DEFAULT_MODEL_DIR
-    path = Path(name_or_path)
-    if not path.is_dir():
-        raise CheckpointError(f"{path}: checkpoint directory not found")
-    return path
 
 
 class Scorer:
@@ -77,28 +52,29 @@ class Scorer:
         if backend not in BACKEND_CHOICES:
             raise ValueError(f"unknown backend {backend!r}; choose one of {list(BACKEND_CHOICES)}")
         directory = resolve_checkpoint(name_or_path)
-        if is_onnx_export(directory) or backend == "onnx":
-            return cls._from_onnx_export(directory, backend, dtype, device, **backend_options)
+        raw = read_spec(directory)
+        if is_onnx_export(raw) or backend == "onnx":
+            return cls._from_onnx_export(directory, raw, backend, dtype, device, **backend_options)
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if backend == "auto":  # the Triton kernels on CUDA when triton imports; never on CPU (interpreter only)
             triton_ok = device.type == "cuda" and importlib.import_module("darl_infer.kernels._triton").HAS_TRITON
             backend = "triton" if triton_ok else "torch"
-        spec = CheckpointSpec.load(directory)
+        spec = CheckpointSpec.from_dict(raw, directory / SPEC_FILE)
         model, tokenizer = load_checkpoint_model(directory, spec, resolve_dtype(dtype, device), device)
         return cls(model, tokenizer, spec, backend=backend, **backend_options)
 
     @classmethod
-    def _from_onnx_export(cls, directory: Path, backend: str, dtype, device, **backend_options) -> "Scorer":
+    def _from_onnx_export(cls, directory: Path, raw: dict, backend: str, dtype, device, **backend_options) -> "Scorer":
         if backend not in ("auto", "onnx"):
             raise ValueError(f"{directory} is an ONNX export: load it with backend='onnx' (or 'auto'), not {backend!r}")
         if dtype not in ("auto", "fp32", torch.float32):
             raise ValueError(f"an ONNX export runs in the precision it was exported in; dtype must be 'auto' or 'fp32', not {dtype!r}")
         from transformers import AutoTokenizer
 
-        from .onnx_backend import OnnxExport
+        from .backends.onnx_format import OnnxExport
 
-        export = OnnxExport.load(directory)  # before the tokenizer: names a missing or altered file
-        spec = CheckpointSpec.load(directory)
+        export = OnnxExport.from_spec(directory, raw)  # before the tokenizer: names a missing or altered file
+        spec = CheckpointSpec.from_dict(raw, directory / SPEC_FILE)
         tokenizer = AutoTokenizer.from_pretrained(str(directory))
         return cls(export, tokenizer, spec, backend="onnx", device=device, **backend_options)
 

@@ -15,8 +15,9 @@ pytest.importorskip("onnxruntime")
 from darl_infer import CheckpointError, Scorer  # noqa: E402
 from darl_infer.cli import main as cli_main  # noqa: E402
 from darl_infer.kernels.shared_prefix_attention import shared_prefix_attention_reference  # noqa: E402
-from darl_infer.onnx_export import export, padded_shared_prefix_attention, sha256  # noqa: E402
-from darl_infer.scorer import DEFAULT_MODEL_DIR  # noqa: E402
+from darl_infer.backends.onnx_export import export, padded_shared_prefix_attention  # noqa: E402
+from darl_infer.backends.onnx_format import sha256  # noqa: E402
+from darl_infer.checkpoint import DEFAULT_MODEL_DIR  # noqa: E402
 
 from tiny_models import make_checkpoint, random_text  # noqa: E402
 

@@ -10,8 +10,8 @@ import torch
 
 from conftest import ragged_items
 from darl_infer import Scorer
-from darl_infer import triton_backend
-from darl_infer.backends import length_sorted_chunks
+from darl_infer.backends import triton_backend
+from darl_infer.backends.chunking import length_sorted_chunks
 from darl_infer.kernels import classification_head, shared_prefix_attention
 from darl_infer.kernels._triton import HAS_TRITON
 from tiny_models import random_text

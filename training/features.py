@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from darl_infer.prefix_cache import PrefixRunner
+from darl_infer.backends.prefix_runner import PrefixRunner
 
 
 @torch.no_grad()

@@ -28,8 +28,8 @@ import torch
 from darl_infer.base_models import base_model_dir
 from darl_infer.checkpoint import CheckpointSpec
 from darl_infer.config import from_fields
-from darl_infer.model import load_sequence_classifier
-from darl_infer.prefix_cache import PrefixRunner
+from darl_infer.backends.prefix_runner import PrefixRunner
+from darl_infer.loading import load_sequence_classifier
 from darl_infer.template import Template
 
 from . import dasa as dasa_lib

@@ -1,25 +1,22 @@
 """Run an HF decoder with a shared prefix: the prefix once, then packed items against its KV.
 
-Hooked into transformers through its attention interface (no fork of model code): the function
-`shared_prefix_attention` is registered as an attention implementation. A `SharedPrefixCache`,
-held in a context variable while a forward pass runs, is the cache object: in the prefix pass it
-records each layer's K/V (keyed by `module.layer_idx`); in the items pass it hands that one copy
-to every item, with `cu_seqlens` telling the items apart inside the packed sequence.
+A `SharedPrefixCache` is the state of the attention hook (attention_hook.py) for one query: in
+the prefix pass it records each layer's K/V (keyed by `module.layer_idx`); in the items passes it
+hands that one copy to every item, with `cu_seqlens` telling the items apart inside the packed
+sequence.
 """
 
 from __future__ import annotations
 
 import contextlib
-import contextvars
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
-from transformers import AttentionInterface
 
 from darl_infer.kernels.shared_prefix_attention import shared_prefix_attention_reference
 
-ATTN_IMPLEMENTATION = "darl_shared_prefix"
+from .attention_hook import active, use_attention_hook
 
 AttentionOp = Callable[..., torch.Tensor]
 
@@ -32,49 +29,25 @@ class SharedPrefixCache:
     attention_op: AttentionOp = shared_prefix_attention_reference
     layers: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
-
-_active: contextvars.ContextVar[SharedPrefixCache | None] = contextvars.ContextVar("darl_prefix_cache", default=None)
-
-
-def shared_prefix_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    cache = _active.get()
-    if cache is None:
-        raise RuntimeError(f"attention {ATTN_IMPLEMENTATION!r} called outside PrefixRunner")
-    if kwargs.get("softcap") is not None:
-        raise NotImplementedError("attention logit soft-capping is not supported")
-    if query.shape[0] != 1:
-        raise ValueError("shared-prefix attention expects one packed row (batch size 1)")
-    q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # (T, heads, D)
-    if cache.recording:
-        prefix_k, prefix_v = k[:0], v[:0]
-        cache.layers[module.layer_idx] = (k, v)
-    elif cache.length == 0:
-        prefix_k, prefix_v = k[:0], v[:0]
-    else:
-        prefix_k, prefix_v = cache.layers[module.layer_idx]
-    scale = scaling if scaling is not None else q.shape[-1] ** -0.5
-    out = cache.attention_op(
-        q, k, v, prefix_k, prefix_v, cache.cu_seqlens, scale, kwargs.get("sliding_window")
-    )
-    return out.unsqueeze(0), None  # (1, T, H, D), as HF's attention functions return
-
-
-AttentionInterface.register(ATTN_IMPLEMENTATION, shared_prefix_attention)
-
-
-@contextlib.contextmanager
-def _activate(cache: SharedPrefixCache):
-    token = _active.set(cache)
-    try:
-        yield cache
-    finally:
-        _active.reset(token)
+    def attend(self, layer, query, key, value, scale, sliding_window):
+        if query.shape[0] != 1:
+            raise ValueError("shared-prefix attention expects one packed row (batch size 1)")
+        q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # (T, heads, D)
+        if self.recording:
+            prefix_k, prefix_v = k[:0], v[:0]
+            self.layers[layer] = (k, v)
+        elif self.length == 0:
+            prefix_k, prefix_v = k[:0], v[:0]
+        else:
+            prefix_k, prefix_v = self.layers[layer]
+        out = self.attention_op(q, k, v, prefix_k, prefix_v, self.cu_seqlens, scale, sliding_window)
+        return out.unsqueeze(0)  # (1, T, H, D), as HF's attention functions return
 
 
 class PrefixRunner:
     """Hidden states of packed items that all continue one prefix.
 
-    `decoder` is the HF base model (e.g. `LlamaModel`), switched to the shared-prefix attention.
+    `decoder` is the HF base model (e.g. `LlamaModel`), switched to the attention hook.
     `final_norm=False` skips the decoder's final norm (swapped for Identity during the runner's own
     passes only): a fused head applies it to the N last tokens instead of all T packed tokens.
     """
@@ -85,14 +58,13 @@ class PrefixRunner:
         attention_op: AttentionOp = shared_prefix_attention_reference,
         final_norm: bool = True,
     ):
-        self.decoder = decoder
+        self.decoder = use_attention_hook(decoder)
         self.attention_op = attention_op
         self.final_norm = final_norm
-        decoder.set_attn_implementation(ATTN_IMPLEMENTATION)
 
     @contextlib.contextmanager
     def _forward_pass(self, cache: SharedPrefixCache):
-        with _activate(cache):
+        with active(cache):
             if self.final_norm:
                 yield
                 return

@@ -14,7 +14,7 @@ from darl_infer.kernels._triton import HAS_TRITON, INTERPRETED
 from darl_infer.kernels.classification_head import classification_head
 from darl_infer.kernels.shared_prefix_attention import shared_prefix_attention
 
-from .backends import TorchBackend
+from .torch_backend import TorchBackend
 
 
 def check_triton_can_run(device: torch.device) -> None:

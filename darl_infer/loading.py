@@ -1,4 +1,5 @@
-"""Load a checkpoint's model and tokenizer (full HF folder, or PEFT adapter over a base model)."""
+"""Load a checkpoint's model and tokenizer (full HF folder, or PEFT adapter over a base model), and
+resolve the dtype to load it in."""
 
 from __future__ import annotations
 
