@@ -70,6 +70,9 @@ class TemplateEncoder:
     def __init__(self, template: Template, tokenizer):
         self.template = template
         self.tokenizer = tokenizer
+        # Thread safety: a HF fast tokenizer's call switches off its backend's truncation and
+        # padding settings when they are set (and never back on). The calls below make that
+        # happen here, once, so later calls from several threads only read the tokenizer.
         bos = tokenizer.bos_token_id
         adds_bos = bos is not None and tokenizer("a").input_ids[:1] == [bos]
         self.bos = [bos] if adds_bos else []

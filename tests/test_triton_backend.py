@@ -4,6 +4,8 @@ Without CUDA the kernels run in Triton's interpreter (TRITON_INTERPRET=1, set in
 the tiny models and item counts stay small.
 """
 
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import pytest
 import torch
@@ -66,6 +68,18 @@ def test_triton_backend_launches_the_kernels(scorers, monkeypatch, rng):
     n_layers = scorer.backend.model.config.num_hidden_layers
     assert len(attention) == n_layers * (1 + n_chunks)  # the prefix pass, then every chunk of items
     assert len(head) == n_chunks
+
+
+def test_threads_sharing_a_triton_scorer_get_the_sequential_results(scorers, rng):
+    """Triton launches from several threads at once (the autotuner and the interpreter keep launch
+    state on shared objects): every call still gets exactly its sequential result."""
+    scorer = scorers("llama", "triton", token_budget=40)
+    jobs = [(random_text(rng, 3), ragged_items(rng, 3, max_tokens=12)) for _ in range(6)]
+    sequential = [scorer.score(query, items).probs for query, items in jobs]
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        threaded = list(pool.map(lambda job: scorer.score(*job).probs, jobs))
+    for got, want in zip(threaded, sequential):
+        assert np.array_equal(got, want)
 
 
 def test_triton_on_cpu_without_interpreter_says_what_to_do(monkeypatch):

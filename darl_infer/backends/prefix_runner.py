@@ -4,11 +4,15 @@ A `SharedPrefixCache` is the state of the attention hook (attention_hook.py) for
 the prefix pass it records each layer's K/V (keyed by `module.layer_idx`); in the items passes it
 hands that one copy to every item, with `cu_seqlens` telling the items apart inside the packed
 sequence.
+
+Thread safety: everything a call changes lives in its own cache object, held in a context
+variable; the shared model is only read. Even skipping the final norm is decided per pass by the
+cache (see `_pre_norm_states`), never by swapping a module of the shared model.
 """
 
 from __future__ import annotations
 
-import contextlib
+import weakref
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -16,7 +20,7 @@ import torch
 
 from darl_infer.kernels.shared_prefix_attention import shared_prefix_attention_reference
 
-from .attention_hook import active, use_attention_hook
+from .attention_hook import active, current, use_attention_hook
 
 AttentionOp = Callable[..., torch.Tensor]
 
@@ -28,6 +32,7 @@ class SharedPrefixCache:
     length: int
     attention_op: AttentionOp = shared_prefix_attention_reference
     layers: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    final_norm: bool = True  # False: the passes return the hidden states before the decoder's final norm
 
     def attend(self, layer, query, key, value, scale, sliding_window):
         if query.shape[0] != 1:
@@ -44,12 +49,26 @@ class SharedPrefixCache:
         return out.unsqueeze(0)  # (1, T, H, D), as HF's attention functions return
 
 
+def _pre_norm_states(norm: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+    """Forward hook on a decoder's final norm: in a pass whose cache asks for pre-norm states, the
+    norm's input replaces its output. The norm still runs (an elementwise op on the packed tokens,
+    small beside one layer's matmuls), but nothing shared changes: the choice comes from this
+    thread's pass, so concurrent calls, and other users of the model, are unaffected."""
+    state = current()
+    if isinstance(state, SharedPrefixCache) and not state.final_norm:
+        return args[0]
+    return output
+
+
+_norms_hooked: weakref.WeakSet[torch.nn.Module] = weakref.WeakSet()
+
+
 class PrefixRunner:
     """Hidden states of packed items that all continue one prefix.
 
     `decoder` is the HF base model (e.g. `LlamaModel`), switched to the attention hook.
-    `final_norm=False` skips the decoder's final norm (swapped for Identity during the runner's own
-    passes only): a fused head applies it to the N last tokens instead of all T packed tokens.
+    `final_norm=False` returns the states before the decoder's final norm: a fused head applies it
+    to the N last tokens instead of all T packed tokens.
     """
 
     def __init__(
@@ -61,28 +80,20 @@ class PrefixRunner:
         self.decoder = use_attention_hook(decoder)
         self.attention_op = attention_op
         self.final_norm = final_norm
-
-    @contextlib.contextmanager
-    def _forward_pass(self, cache: SharedPrefixCache):
-        with active(cache):
-            if self.final_norm:
-                yield
-                return
-            norm = self.decoder.norm
-            self.decoder.norm = torch.nn.Identity()
-            try:
-                yield
-            finally:
-                self.decoder.norm = norm
+        if not final_norm and decoder.norm not in _norms_hooked:  # once per model, at construction
+            decoder.norm.register_forward_hook(_pre_norm_states)
+            _norms_hooked.add(decoder.norm)
 
     def prefix(self, prefix_ids: torch.Tensor) -> SharedPrefixCache:
         """Run the prefix (1-D ids) once; the returned cache holds every layer's K/V."""
         P = prefix_ids.numel()
         cu = torch.tensor([0, P], device=prefix_ids.device)
-        cache = SharedPrefixCache(cu, recording=P > 0, length=P, attention_op=self.attention_op)
+        cache = SharedPrefixCache(
+            cu, recording=P > 0, length=P, attention_op=self.attention_op, final_norm=self.final_norm
+        )
         if P == 0:
             return cache
-        with self._forward_pass(cache):
+        with active(cache):
             self.decoder(
                 input_ids=prefix_ids[None], position_ids=torch.arange(P, device=prefix_ids.device)[None], use_cache=False
             )
@@ -100,7 +111,7 @@ class PrefixRunner:
         packed = torch.cat(item_ids)
         positions = P + torch.arange(packed.numel(), device=device) - torch.repeat_interleave(cu[:-1], lengths)
         cache.cu_seqlens = cu
-        with self._forward_pass(cache):
+        with active(cache):
             out = self.decoder(input_ids=packed[None], position_ids=positions[None], use_cache=False)
         return out.last_hidden_state[0], cu
 
