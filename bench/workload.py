@@ -14,12 +14,12 @@ import dataclasses
 import hashlib
 import json
 import random
-import shutil
 import time
 from pathlib import Path
 
 import torch
 
+from darl_infer.atomic import atomic_dir
 from darl_infer.checkpoint import CheckpointSpec
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "homedepot" / "dev.jsonl"
@@ -174,11 +174,9 @@ def merged_hf_folder(checkpoint: Path) -> Path:
 
         spec = CheckpointSpec.load(checkpoint)
         model, tokenizer = load_checkpoint_model(checkpoint, spec, torch.float32, torch.device("cpu"))
-        partial = out.with_name(out.name + ".partial")
-        shutil.rmtree(partial, ignore_errors=True)
-        model.save_pretrained(partial)
-        tokenizer.save_pretrained(partial)
-        partial.rename(out)
+        with atomic_dir(out, replace=True) as partial:
+            model.save_pretrained(partial)
+            tokenizer.save_pretrained(partial)
     return out
 
 

@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .atomic import atomic_file
 from .template import Template
 
 FORMAT_VERSION = 1
@@ -52,8 +53,8 @@ class CheckpointSpec:
         }
 
     def save(self, directory: str | Path) -> None:
-        path = Path(directory) / SPEC_FILE
-        path.write_text(json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n")
+        with atomic_file(Path(directory) / SPEC_FILE) as f:
+            f.write(json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n")
 
     @classmethod
     def load(cls, directory: str | Path) -> "CheckpointSpec":

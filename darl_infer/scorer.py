@@ -16,6 +16,7 @@ from .backends import BACKEND_CHOICES, backend_class
 from .backends.onnx_format import is_onnx_export
 from .checkpoint import SPEC_FILE, CheckpointSpec, read_spec, resolve_checkpoint
 from .loading import load_checkpoint_model, resolve_dtype
+from .pairs import group_by_query
 from .template import check_text
 
 
@@ -110,12 +111,11 @@ class Scorer:
 
     def predict(self, pairs: list[tuple[str, str]]) -> np.ndarray:
         """Expected-grade scores of (query, item) pairs in input order; each query's prefix runs once."""
-        groups: dict[str, list[int]] = {}
         for n, pair in enumerate(pairs):
             if isinstance(pair, str) or len(pair) != 2:
                 raise TypeError(f"pairs[{n}] must be a (query, item) pair")
-            groups.setdefault(check_text(pair[0], f"pairs[{n}][0] (query)"), []).append(n)
+            check_text(pair[0], f"pairs[{n}][0] (query)")
         scores = np.empty(len(pairs), dtype=np.float32)
-        for query, idx in groups.items():
+        for query, idx in group_by_query(query for query, _ in pairs).items():
             scores[idx] = self.score(query, [pairs[n][1] for n in idx]).scores
         return scores

@@ -21,11 +21,11 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import torch
 
+from darl_infer.atomic import atomic_file
 from darl_infer.backends.attention_hook import active
 from darl_infer.backends.prefix_runner import PrefixRunner, SharedPrefixCache
 
@@ -129,10 +129,9 @@ class StateStore:
             self.instruction_states, states = frozen.bottom(self.instruction, [list(s) for s in missing])
             self.memory.update(zip(missing, states))
             self.directory.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".tmp{os.getpid()}")
-            torch.save({"instruction": self.instruction_states, "sequences": sequences,
-                        "pairs": [self.memory[tuple(s)] for s in sequences]}, tmp)
-            tmp.rename(path)
+            with atomic_file(path, "wb") as f:
+                torch.save({"instruction": self.instruction_states, "sequences": sequences,
+                            "pairs": [self.memory[tuple(s)] for s in sequences]}, f)
             self.loaded.add(path)
         return self.instruction_states, [self.memory[tuple(s)] for s in sequences]
 

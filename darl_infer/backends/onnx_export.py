@@ -12,7 +12,6 @@ score Linear, softmax, expected grade) is fused into the items graph.
 from __future__ import annotations
 
 import json
-import shutil
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +20,7 @@ import torch
 
 from darl_infer.kernels.shared_prefix_attention import _partial_attention
 
+from ..atomic import atomic_dir
 from ..checkpoint import SPEC_FILE, CheckpointError, CheckpointSpec, read_spec, resolve_checkpoint
 from ..loading import load_checkpoint_model
 from .attention_hook import active, use_attention_hook
@@ -238,7 +238,7 @@ def export(
 ) -> dict:
     """Export `checkpoint` (None or "default": the embedded default model) to `out_dir`.
 
-    Writes into `OUT_DIR.partial` and renames it when complete. Before that, loads the export the
+    Writes into a temporary directory beside OUT_DIR, renamed when complete. Before that, loads the export the
     way users do and checks it against the reference backend on a sample query: an fp32 export
     that disagrees by more than 1e-4 in probability is refused. Returns darl.json's "onnx" section.
     """
@@ -247,49 +247,44 @@ def export(
     if is_onnx_export(raw):
         raise CheckpointError(f"{source / SPEC_FILE}: already an ONNX export")
     out = Path(out_dir)
-    if out.exists() and any(out.iterdir()):
+    if out.exists() and any(out.iterdir()):  # before the slow part; atomic_dir checks again at the end
         raise FileExistsError(f"{out}: exists and is not empty; remove it or choose another directory")
     spec = CheckpointSpec.from_dict(raw, source / SPEC_FILE)
     model, tokenizer = load_checkpoint_model(source, spec, torch.float32, torch.device("cpu"))
     enc = spec.template.encoder(tokenizer).encode(_CHECK_QUERY, _CHECK_ITEMS)
     expected = ReferenceBackend(model).probs(enc)  # before the attention is swapped for the export's
 
-    partial = out.with_name(out.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    _export_graphs(model, spec, enc, model.config.pad_token_id, partial, opset)
-    fused = {}
-    if optimize:
-        for graph in (PREFIX_GRAPH, ITEMS_GRAPH):
-            fused[graph] = optimize_graph(partial / graph, model.config.num_attention_heads, model.config.hidden_size)
-    if int8:
-        for graph in (PREFIX_GRAPH, ITEMS_GRAPH):
-            quantize_graph(partial / graph)
-    tokenizer.save_pretrained(partial)
+    with atomic_dir(out) as partial:  # an interrupted export never looks complete
+        _export_graphs(model, spec, enc, model.config.pad_token_id, partial, opset)
+        fused = {}
+        if optimize:
+            for graph in (PREFIX_GRAPH, ITEMS_GRAPH):
+                fused[graph] = optimize_graph(partial / graph, model.config.num_attention_heads, model.config.hidden_size)
+        if int8:
+            for graph in (PREFIX_GRAPH, ITEMS_GRAPH):
+                quantize_graph(partial / graph)
+        tokenizer.save_pretrained(partial)
 
-    exported = CheckpointSpec(
-        labels=spec.labels, grade_values=spec.grade_values, template=spec.template, base_model=None,
-        training=spec.training, evaluation=spec.evaluation,
-    ).to_dict()
-    exported[ONNX_SECTION] = onnx_section = {
-        "format_version": ONNX_FORMAT_VERSION,
-        "opset": opset,
-        "versions": _versions(),
-        "source": {"checkpoint": str(source), "base_model": spec.base_model, "architecture": model.config.model_type},
-        "graphs": GRAPH_IO,
-        "optimized": fused if optimize else None,
-        "int8": int8,
-        "files": {p.name: sha256(p) for p in sorted(partial.iterdir()) if p.is_file()},
-    }
-    spec_path = partial / SPEC_FILE
-    spec_path.write_text(json.dumps(exported, indent=2, ensure_ascii=False) + "\n")
+        exported = CheckpointSpec(
+            labels=spec.labels, grade_values=spec.grade_values, template=spec.template, base_model=None,
+            training=spec.training, evaluation=spec.evaluation,
+        ).to_dict()
+        exported[ONNX_SECTION] = onnx_section = {
+            "format_version": ONNX_FORMAT_VERSION,
+            "opset": opset,
+            "versions": _versions(),
+            "source": {"checkpoint": str(source), "base_model": spec.base_model, "architecture": model.config.model_type},
+            "graphs": GRAPH_IO,
+            "optimized": fused if optimize else None,
+            "int8": int8,
+            "files": {p.name: sha256(p) for p in sorted(partial.iterdir()) if p.is_file()},
+        }
+        spec_path = partial / SPEC_FILE
+        spec_path.write_text(json.dumps(exported, indent=2, ensure_ascii=False) + "\n")
 
-    got = OnnxBackend(OnnxExport.load(partial)).probs(enc)
-    onnx_section["check_max_abs_prob_diff"] = max_diff = float((got - expected).abs().max())
-    if not int8 and not max_diff <= 1e-4:
-        raise RuntimeError(f"exported graphs disagree with the reference backend: max |Δprob| {max_diff:.3g} > 1e-4")
-    spec_path.write_text(json.dumps(exported, indent=2, ensure_ascii=False) + "\n")
-    if out.exists():
-        out.rmdir()
-    partial.rename(out)  # an interrupted export never looks complete
+        got = OnnxBackend(OnnxExport.load(partial)).probs(enc)  # through the loading path users take
+        onnx_section["check_max_abs_prob_diff"] = max_diff = float((got - expected).abs().max())
+        if not int8 and not max_diff <= 1e-4:
+            raise RuntimeError(f"exported graphs disagree with the reference backend: max |Δprob| {max_diff:.3g} > 1e-4")
+        spec_path.write_text(json.dumps(exported, indent=2, ensure_ascii=False) + "\n")
     return onnx_section
