@@ -16,15 +16,35 @@ from .checkpoint import CheckpointError, CheckpointSpec, check_weights
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """`None`: CUDA when there is a GPU, else the CPU. A device that cannot be used here is an
+    error now, not deep inside the model load."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device {device!r} is not a device; use 'cpu' or 'cuda[:N]'") from None
+    if resolved.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {device!r}: darl_infer runs on 'cpu' or 'cuda[:N]'")
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} was requested but CUDA is not available here (torch {torch.__version__}); use 'cpu'")
+    if resolved.type == "cuda" and resolved.index is not None and resolved.index >= torch.cuda.device_count():
+        raise ValueError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return resolved
+
+
 def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype == "auto":
+    if isinstance(dtype, str) and dtype == "auto":
         # CPUs without native bf16 (no AVX-512-BF16/AMX) run bf16 several times slower than fp32.
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; choose one of {['auto', *DTYPES]}")
-    return DTYPES[dtype]
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype in DTYPES:
+        return DTYPES[dtype]
+    raise ValueError(
+        f"dtype {dtype!r} is not supported; choose one of {['auto', *DTYPES]} (or torch.float32, torch.bfloat16, torch.float16)"
+    )
 
 
 def load_sequence_classifier(path: str | Path, num_labels: int, dtype: torch.dtype):

@@ -44,17 +44,7 @@ def test_score_many_equals_score(scorer, rng):
         np.testing.assert_allclose(result.probs, scorer.score(query, items).probs, atol=1e-6)
 
 
-def test_bad_input(scorer):
-    with pytest.raises(TypeError, match="query"):
-        scorer.score(3, ["w1"])
-    with pytest.raises(TypeError, match=r"items\[1\]"):
-        scorer.score("w1", ["w2", None])
-    with pytest.raises(TypeError, match="single str"):
-        scorer.score("w1", "w2 w3")
-    with pytest.raises(ValueError, match="query is empty"):
-        scorer.score("  ", ["w1"])
-    with pytest.raises(TypeError, match=r"pairs\[0\]"):
-        scorer.predict([("w1",)])
+def test_no_items(scorer):  # bad input: tests/test_bad_input.py
     empty = scorer.score("w1", [])
     assert empty.probs.shape == (0, 3) and len(empty) == 0 and scorer.rank("w1", []) == []
 

@@ -11,6 +11,9 @@ Backend modules are imported on first use: triton and onnxruntime are optional e
 from __future__ import annotations
 
 import importlib
+import inspect
+
+from ..validate import check_int
 
 BACKENDS = {
     "reference": "darl_infer.backends.reference:ReferenceBackend",
@@ -26,3 +29,17 @@ def backend_class(name: str):
         raise ValueError(f"unknown backend {name!r}; choose one of {list(BACKEND_CHOICES)}")
     module, cls = BACKENDS[name].split(":")
     return getattr(importlib.import_module(module), cls)
+
+
+# the minimum of each integer backend option
+_INT_OPTIONS = {"token_budget": 1, "threads": 0}
+
+
+def check_backend_options(name: str, options: dict) -> None:
+    """Refuse an option the backend does not take, or a bad value, before any model is loaded."""
+    accepted = list(inspect.signature(backend_class(name).__init__).parameters)[2:]  # after self and the model
+    for key, value in options.items():
+        if key not in accepted:
+            raise TypeError(f"backend {name!r} has no option {key!r}; its options: {accepted}")
+        if key in _INT_OPTIONS:
+            check_int(value, key, _INT_OPTIONS[key])

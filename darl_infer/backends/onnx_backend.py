@@ -54,8 +54,8 @@ class OnnxBackend:
     def __init__(
         self, export: OnnxExport, token_budget: int = 2048, threads: int = 0, device: str | torch.device | None = None
     ):
-        if token_budget < 1:
-            raise ValueError(f"token_budget must be >= 1, got {token_budget}")
+        """`token_budget`: item tokens per items-graph call; `threads`: ONNX Runtime's intra-op
+        threads, 0 for one per physical core (options are checked by the Scorer)."""
         self.token_budget = token_budget
         self.num_labels = export.num_labels
         self.providers = _providers(device)

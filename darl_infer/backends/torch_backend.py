@@ -49,8 +49,7 @@ class TorchBackend:
     head_op = staticmethod(classification_head_reference)
 
     def __init__(self, model, token_budget: int = 2048):
-        if token_budget < 1:
-            raise ValueError(f"token_budget must be >= 1, got {token_budget}")
+        """`token_budget`: item tokens per forward pass (options are checked by the Scorer)."""
         if getattr(model.score, "bias", None) is not None:
             raise NotImplementedError("a classification head with a bias is not supported; use backend='reference'")
         self.model = model

@@ -39,6 +39,6 @@ class TritonBackend(TorchBackend):
     attention_op = staticmethod(shared_prefix_attention)
     head_op = staticmethod(classification_head)
 
-    def __init__(self, model, **options):
+    def __init__(self, model, token_budget: int = 2048):
         check_triton_can_run(model.device)
-        super().__init__(model, **options)
+        super().__init__(model, token_budget)
