@@ -13,11 +13,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .atomic import atomic_file
+from .config import check_fields
 from .template import Template
 
 FORMAT_VERSION = 1
 SPEC_FILE = "darl.json"
 DEFAULT_MODEL_DIR = Path(__file__).parent / "default_model"
+# darl.json's top-level keys; "onnx" is the section an ONNX export adds (backends/onnx_format.py)
+SPEC_KEYS = ("format_version", "labels", "grade_values", "template", "base_model", "training", "evaluation", "onnx")
+PICKLE_OF = {"model.safetensors": "pytorch_model.bin", "adapter_model.safetensors": "adapter_model.bin"}
 
 
 class CheckpointError(ValueError):
@@ -67,6 +71,10 @@ class CheckpointSpec:
         def bad(fld: str, why: str):
             return CheckpointError(f"{path}: field {fld!r} {why}")
 
+        try:  # a misspelt key must not silently fall back to a default (e.g. grade values 0..K-1)
+            check_fields(d, SPEC_KEYS, "top-level")
+        except ValueError as e:
+            raise CheckpointError(f"{path}: {e}") from None
         if d.get("format_version") != FORMAT_VERSION:
             raise bad("format_version", f"is {d.get('format_version')!r}; this darl_infer reads {FORMAT_VERSION}")
         labels = d.get("labels")
@@ -123,23 +131,50 @@ def resolve_checkpoint(name_or_path: str | Path | None) -> Path:
     return path
 
 
+def safetensors_weights(folder: Path, name: str = "model.safetensors") -> Path:
+    """`folder/name`; a folder that holds only pickle weights is refused (never read by torch.load)."""
+    path = folder / name
+    if path.is_file() or (folder / f"{name}.index.json").is_file():  # one file, or shards
+        return path
+    pickle = folder / PICKLE_OF[name]
+    if pickle.is_file():
+        raise CheckpointError(
+            f"{folder}: holds {pickle.name} (pickle), not {name}; darl_infer loads safetensors only "
+            "(convert it once: from_pretrained, then save_pretrained, which writes safetensors)"
+        )
+    raise CheckpointError(f"{path}: missing")
+
+
 def check_weights(directory: Path, spec: CheckpointSpec) -> None:
-    """Name the missing file instead of letting transformers fail deep inside."""
-    if spec.base_model is not None:
-        needed = ["adapter_config.json", "adapter_model.safetensors"]
-    else:
-        needed = ["config.json", "model.safetensors"]
-    for name in needed:
-        if not (directory / name).is_file():
-            raise CheckpointError(f"{directory / name}: missing")
-    for pickle_file in ("pytorch_model.bin", "adapter_model.bin"):
+    """Name a missing, pickled or unreadable weights file, and a score head that disagrees with
+    darl.json's labels, before any weight is loaded (transformers would fail deep inside, or
+    silently start from a random head)."""
+    config, weights_name = ("adapter_config.json", "adapter_model.safetensors") if spec.base_model else (
+        "config.json", "model.safetensors")
+    if not (directory / config).is_file():
+        raise CheckpointError(f"{directory / config}: missing")
+    weights = safetensors_weights(directory, weights_name)
+    if not weights.is_file():
+        raise CheckpointError(f"{weights}: missing (a checkpoint holds one weights file, not shards)")
+    for pickle_file in PICKLE_OF.values():
         if (directory / pickle_file).exists():
             raise CheckpointError(f"{directory / pickle_file}: pickle weights are refused; use safetensors")
-    weights = directory / needed[1]
     try:
         from safetensors import safe_open
 
         with safe_open(str(weights), framework="pt") as f:
-            f.keys()
+            heads = [f.get_slice(k).get_shape() for k in f.keys() if k.endswith("score.weight")]
     except Exception as e:  # safetensors raises several types for a corrupt header
         raise CheckpointError(f"{weights}: unreadable safetensors file ({e})") from None
+    if not heads:
+        raise CheckpointError(f"{weights}: no score head (score.weight); a DaRL checkpoint holds its classification head")
+    if heads[0][0] != spec.num_labels:
+        raise CheckpointError(
+            f"{directory / SPEC_FILE}: field 'labels' has {spec.num_labels} labels, "
+            f"but {weights.name}' score head gives {heads[0][0]} grades"
+        )
+
+
+def check_tokenizer(folder: Path) -> None:
+    if not any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer.model")):
+        raise CheckpointError(f"{folder / 'tokenizer.json'}: missing (the tokenizer; a sentencepiece tokenizer.model would do)")

@@ -11,7 +11,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
 from .base_models import base_model_dir
-from .checkpoint import CheckpointError, CheckpointSpec, check_weights
+from .checkpoint import CheckpointError, CheckpointSpec, check_tokenizer, check_weights, safetensors_weights
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -48,34 +48,39 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype
 
 
 def load_sequence_classifier(path: str | Path, num_labels: int, dtype: torch.dtype):
+    """An HF folder as a K-grade sequence classifier; safetensors only, never a pickle."""
+    safetensors_weights(Path(path))
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # a causal-LM base has no score head yet: that warning is expected
     try:
-        return AutoModelForSequenceClassification.from_pretrained(str(path), num_labels=num_labels, dtype=dtype)
+        return AutoModelForSequenceClassification.from_pretrained(
+            str(path), num_labels=num_labels, dtype=dtype, use_safetensors=True
+        )
     finally:
         hf_logging.set_verbosity(verbosity)
 
 
 def load_checkpoint_model(directory: Path, spec: CheckpointSpec, dtype: torch.dtype, device: torch.device):
+    """(model, tokenizer) of a checkpoint whose darl.json is `spec`; every file is checked first."""
     check_weights(directory, spec)
     if spec.base_model is None:
-        model = load_sequence_classifier(directory, spec.num_labels, torch.float32)
-        tokenizer_dir = directory
+        weights_dir = tokenizer_dir = directory
     else:
+        weights_dir = base_model_dir(spec.base_model)
+        tokenizer_dir = directory if (directory / "tokenizer_config.json").is_file() else weights_dir
+    check_tokenizer(tokenizer_dir)
+    model = load_sequence_classifier(weights_dir, spec.num_labels, torch.float32)
+    if spec.base_model is not None:
         from peft import PeftModel
 
-        base_dir = base_model_dir(spec.base_model)
-        base = load_sequence_classifier(base_dir, spec.num_labels, torch.float32)
         with warnings.catch_warnings():  # peft calls a transformers API deprecated in v5
             warnings.simplefilter("ignore", FutureWarning)
-            model = PeftModel.from_pretrained(base, str(directory)).merge_and_unload()
-        tokenizer_dir = directory if (directory / "tokenizer_config.json").is_file() else base_dir
-    if model.config.num_labels != spec.num_labels:
-        raise CheckpointError(
-            f"{directory / 'config.json'}: num_labels is {model.config.num_labels}, "
-            f"darl.json has {spec.num_labels} labels"
-        )
-    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+            # peft reads adapter_model.safetensors when it is there, which check_weights made sure of
+            model = PeftModel.from_pretrained(model, str(directory)).merge_and_unload()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{tokenizer_dir}: the tokenizer does not load ({e})") from None
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     return model.to(device=device, dtype=dtype).eval(), tokenizer
