@@ -136,10 +136,10 @@ def safetensors_weights(folder: Path, name: str = "model.safetensors") -> Path:
     path = folder / name
     if path.is_file() or (folder / f"{name}.index.json").is_file():  # one file, or shards
         return path
-    pickle = folder / PICKLE_OF[name]
-    if pickle.is_file():
+    pickled = folder / PICKLE_OF[name]
+    if pickled.is_file():
         raise CheckpointError(
-            f"{folder}: holds {pickle.name} (pickle), not {name}; darl_infer loads safetensors only "
+            f"{folder}: holds {pickled.name} (pickle), not {name}; darl_infer loads safetensors only "
             "(convert it once: from_pretrained, then save_pretrained, which writes safetensors)"
         )
     raise CheckpointError(f"{path}: missing")
@@ -149,8 +149,10 @@ def check_weights(directory: Path, spec: CheckpointSpec) -> None:
     """Name a missing, pickled or unreadable weights file, and a score head that disagrees with
     darl.json's labels, before any weight is loaded (transformers would fail deep inside, or
     silently start from a random head)."""
-    config, weights_name = ("adapter_config.json", "adapter_model.safetensors") if spec.base_model else (
-        "config.json", "model.safetensors")
+    if spec.base_model is None:
+        config, weights_name = "config.json", "model.safetensors"
+    else:
+        config, weights_name = "adapter_config.json", "adapter_model.safetensors"
     if not (directory / config).is_file():
         raise CheckpointError(f"{directory / config}: missing")
     weights = safetensors_weights(directory, weights_name)

@@ -1,5 +1,5 @@
 """Load a checkpoint's model and tokenizer (full HF folder, or PEFT adapter over a base model), and
-resolve the dtype to load it in."""
+resolve the device and dtype to load it on."""
 
 from __future__ import annotations
 

@@ -1,9 +1,7 @@
 """Scorer API (score / rank / predict / score_many), bad input, checkpoint validation, CLI."""
 
-import io
 import json
 import shutil
-import sys
 
 import numpy as np
 import pytest
