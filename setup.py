@@ -5,7 +5,7 @@ setup(
     version="0.1.0",
     description="Train and serve LLM search-relevance models (DaRL) with exact shared-prefix scoring",
     python_requires=">=3.11",
-    packages=["darl_infer", "darl_infer.kernels", "darl_infer.training", "darl_infer.serve"],
+    packages=["darl_infer", "darl_infer.backends", "darl_infer.kernels", "darl_infer.training", "darl_infer.serve"],
     package_dir={"darl_infer": "darl_infer", "darl_infer.kernels": "kernels", "darl_infer.training": "training"},
     package_data={"darl_infer": ["default_model/*", "examples/*"]},
     install_requires=[

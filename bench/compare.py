@@ -40,9 +40,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from darl_infer.checkpoint import CheckpointSpec
-from darl_infer.model import load_checkpoint_model
-from darl_infer.scorer import resolve_checkpoint
+from darl_infer.checkpoint import CheckpointSpec, resolve_checkpoint
+from darl_infer.loading import load_checkpoint_model
 
 from workload import CACHE, FlopModel, build_cases, checkpoint_cache, darl_onnx_export, matmul_peak, merged_hf_folder
 

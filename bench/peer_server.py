@@ -28,8 +28,8 @@ from pydantic import BaseModel
 from sentence_transformers import CrossEncoder
 
 from darl_infer.checkpoint import CheckpointSpec
-from darl_infer.model import DTYPES
-from darl_infer.scorer import resolve_checkpoint
+from darl_infer.loading import DTYPES
+from darl_infer.checkpoint import resolve_checkpoint
 
 from workload import merged_hf_folder
 

@@ -15,9 +15,8 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from darl_infer import Scorer
-from darl_infer.checkpoint import CheckpointSpec
-from darl_infer.model import load_checkpoint_model, resolve_dtype
-from darl_infer.scorer import resolve_checkpoint
+from darl_infer.checkpoint import CheckpointSpec, resolve_checkpoint
+from darl_infer.loading import load_checkpoint_model, resolve_dtype
 from darl_infer.template import Template
 
 from workload import build_cases

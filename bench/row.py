@@ -68,7 +68,7 @@ def darl_row(backend: str):
 
         from darl_infer import Scorer
         from darl_infer.checkpoint import CheckpointSpec
-        from darl_infer.model import load_checkpoint_model
+        from darl_infer.loading import load_checkpoint_model
         from darl_infer.template import Template
 
         spec = CheckpointSpec.load(args.checkpoint)
@@ -76,7 +76,7 @@ def darl_row(backend: str):
         if backend == "onnx":
             from transformers import AutoTokenizer
 
-            from darl_infer.onnx_backend import OnnxExport
+            from darl_infer.backends.onnx_format import OnnxExport
 
             export = OnnxExport.load(args.onnx_export)
             tokenizer = AutoTokenizer.from_pretrained(args.onnx_export)

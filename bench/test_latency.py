@@ -27,9 +27,8 @@ import pytest
 import torch
 
 from darl_infer import Scorer
-from darl_infer.checkpoint import CheckpointSpec
-from darl_infer.model import load_checkpoint_model
-from darl_infer.scorer import DEFAULT_MODEL_DIR
+from darl_infer.checkpoint import DEFAULT_MODEL_DIR, CheckpointSpec
+from darl_infer.loading import load_checkpoint_model
 from darl_infer.template import Template
 
 from workload import build_cases, darl_onnx_export
@@ -69,7 +68,7 @@ def backend_model(backend: str, dtype: str):
     if backend == "onnx":
         from transformers import AutoTokenizer
 
-        from darl_infer.onnx_backend import OnnxExport
+        from darl_infer.backends.onnx_format import OnnxExport
 
         export_dir = darl_onnx_export(CHECKPOINT)
         return OnnxExport.load(export_dir), AutoTokenizer.from_pretrained(export_dir)

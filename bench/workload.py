@@ -14,12 +14,12 @@ import dataclasses
 import hashlib
 import json
 import random
-import shutil
 import time
 from pathlib import Path
 
 import torch
 
+from darl_infer.atomic import atomic_dir
 from darl_infer.checkpoint import CheckpointSpec
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "homedepot" / "dev.jsonl"
@@ -170,15 +170,13 @@ def merged_hf_folder(checkpoint: Path) -> Path:
     """A plain HF folder of `checkpoint` (adapter merged, score head in) for the peers that load one."""
     out = checkpoint_cache(checkpoint) / "hf"
     if not (out / "config.json").is_file():
-        from darl_infer.model import load_checkpoint_model
+        from darl_infer.loading import load_checkpoint_model
 
         spec = CheckpointSpec.load(checkpoint)
         model, tokenizer = load_checkpoint_model(checkpoint, spec, torch.float32, torch.device("cpu"))
-        partial = out.with_name(out.name + ".partial")
-        shutil.rmtree(partial, ignore_errors=True)
-        model.save_pretrained(partial)
-        tokenizer.save_pretrained(partial)
-        partial.rename(out)
+        with atomic_dir(out, replace=True) as partial:
+            model.save_pretrained(partial)
+            tokenizer.save_pretrained(partial)
     return out
 
 
@@ -186,7 +184,7 @@ def darl_onnx_export(checkpoint: Path, int8: bool = False) -> Path:
     """darl_infer's own ONNX export (prefix graph + items graph) of `checkpoint`."""
     out = checkpoint_cache(checkpoint) / ("darl-onnx-int8" if int8 else "darl-onnx")
     if not out.is_dir():
-        from darl_infer.onnx_export import export
+        from darl_infer.backends.onnx_export import export
 
         export(checkpoint, out, int8=int8)
     return out

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
 from pathlib import Path
+
+from .atomic import atomic_dir
 
 BASE_MODELS = {
     "gemma3-270m": {
@@ -70,10 +71,7 @@ def base_model_dir(name_or_path: str) -> Path:
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     if getattr(model, "hf_quantizer", None) is not None:
         model.hf_quantizer.remove_quantization_config(model)
-    partial = target.with_name(target.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    model.save_pretrained(partial)
-    tokenizer.save_pretrained(partial)
-    shutil.rmtree(target, ignore_errors=True)
-    partial.rename(target)  # atomic: an interrupted conversion never looks complete
+    with atomic_dir(target, replace=True) as partial:  # an interrupted conversion never looks complete
+        model.save_pretrained(partial)
+        tokenizer.save_pretrained(partial)
     return target

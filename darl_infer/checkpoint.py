@@ -12,10 +12,16 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .atomic import atomic_file
+from .config import check_fields
 from .template import Template
 
 FORMAT_VERSION = 1
 SPEC_FILE = "darl.json"
+DEFAULT_MODEL_DIR = Path(__file__).parent / "default_model"
+# darl.json's top-level keys; "onnx" is the section an ONNX export adds (backends/onnx_format.py)
+SPEC_KEYS = ("format_version", "labels", "grade_values", "template", "base_model", "training", "evaluation", "onnx")
+PICKLE_OF = {"model.safetensors": "pytorch_model.bin", "adapter_model.safetensors": "adapter_model.bin"}
 
 
 class CheckpointError(ValueError):
@@ -51,24 +57,24 @@ class CheckpointSpec:
         }
 
     def save(self, directory: str | Path) -> None:
-        path = Path(directory) / SPEC_FILE
-        path.write_text(json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n")
+        with atomic_file(Path(directory) / SPEC_FILE) as f:
+            f.write(json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n")
 
     @classmethod
     def load(cls, directory: str | Path) -> "CheckpointSpec":
-        path = Path(directory) / SPEC_FILE
-        if not path.is_file():
-            raise CheckpointError(f"{path}: missing (not a darl_infer checkpoint)")
-        try:
-            d = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+        return cls.from_dict(read_spec(directory), Path(directory) / SPEC_FILE)
+
+    @classmethod
+    def from_dict(cls, d: dict, path: Path) -> "CheckpointSpec":
+        """Validate darl.json's content `d` (read from `path`, which errors name)."""
 
         def bad(fld: str, why: str):
             return CheckpointError(f"{path}: field {fld!r} {why}")
 
-        if not isinstance(d, dict):
-            raise CheckpointError(f"{path}: must hold a JSON object")
+        try:  # a misspelt key must not silently fall back to a default (e.g. grade values 0..K-1)
+            check_fields(d, SPEC_KEYS, "top-level")
+        except ValueError as e:
+            raise CheckpointError(f"{path}: {e}") from None
         if d.get("format_version") != FORMAT_VERSION:
             raise bad("format_version", f"is {d.get('format_version')!r}; this darl_infer reads {FORMAT_VERSION}")
         labels = d.get("labels")
@@ -101,23 +107,76 @@ class CheckpointSpec:
         )
 
 
+def read_spec(directory: str | Path) -> dict:
+    """darl.json of a checkpoint or export directory, parsed once per load; errors name the file."""
+    path = Path(directory) / SPEC_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing (not a darl_infer checkpoint)")
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise CheckpointError(f"{path}: must hold a JSON object")
+    return d
+
+
+def resolve_checkpoint(name_or_path: str | Path | None) -> Path:
+    """The checkpoint directory: `None` or "default" is the embedded default model."""
+    if name_or_path is None or name_or_path == "default":
+        return DEFAULT_MODEL_DIR
+    path = Path(name_or_path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: checkpoint directory not found")
+    return path
+
+
+def safetensors_weights(folder: Path, name: str = "model.safetensors") -> Path:
+    """`folder/name`; a folder that holds only pickle weights is refused (never read by torch.load)."""
+    path = folder / name
+    if path.is_file() or (folder / f"{name}.index.json").is_file():  # one file, or shards
+        return path
+    pickled = folder / PICKLE_OF[name]
+    if pickled.is_file():
+        raise CheckpointError(
+            f"{folder}: holds {pickled.name} (pickle), not {name}; darl_infer loads safetensors only "
+            "(convert it once: from_pretrained, then save_pretrained, which writes safetensors)"
+        )
+    raise CheckpointError(f"{path}: missing")
+
+
 def check_weights(directory: Path, spec: CheckpointSpec) -> None:
-    """Name the missing file instead of letting transformers fail deep inside."""
-    if spec.base_model is not None:
-        needed = ["adapter_config.json", "adapter_model.safetensors"]
+    """Name a missing, pickled or unreadable weights file, and a score head that disagrees with
+    darl.json's labels, before any weight is loaded (transformers would fail deep inside, or
+    silently start from a random head)."""
+    if spec.base_model is None:
+        config, weights_name = "config.json", "model.safetensors"
     else:
-        needed = ["config.json", "model.safetensors"]
-    for name in needed:
-        if not (directory / name).is_file():
-            raise CheckpointError(f"{directory / name}: missing")
-    for pickle_file in ("pytorch_model.bin", "adapter_model.bin"):
+        config, weights_name = "adapter_config.json", "adapter_model.safetensors"
+    if not (directory / config).is_file():
+        raise CheckpointError(f"{directory / config}: missing")
+    weights = safetensors_weights(directory, weights_name)
+    if not weights.is_file():
+        raise CheckpointError(f"{weights}: missing (a checkpoint holds one weights file, not shards)")
+    for pickle_file in PICKLE_OF.values():
         if (directory / pickle_file).exists():
             raise CheckpointError(f"{directory / pickle_file}: pickle weights are refused; use safetensors")
-    weights = directory / needed[1]
     try:
         from safetensors import safe_open
 
         with safe_open(str(weights), framework="pt") as f:
-            f.keys()
+            heads = [f.get_slice(k).get_shape() for k in f.keys() if k.endswith("score.weight")]
     except Exception as e:  # safetensors raises several types for a corrupt header
         raise CheckpointError(f"{weights}: unreadable safetensors file ({e})") from None
+    if not heads:
+        raise CheckpointError(f"{weights}: no score head (score.weight); a DaRL checkpoint holds its classification head")
+    if heads[0][0] != spec.num_labels:
+        raise CheckpointError(
+            f"{directory / SPEC_FILE}: field 'labels' has {spec.num_labels} labels, "
+            f"but {weights.name}' score head gives {heads[0][0]} grades"
+        )
+
+
+def check_tokenizer(folder: Path) -> None:
+    if not any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer.model")):
+        raise CheckpointError(f"{folder / 'tokenizer.json'}: missing (the tokenizer; a sentencepiece tokenizer.model would do)")

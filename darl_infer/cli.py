@@ -1,16 +1,46 @@
-"""`darl-infer`: rank items for a query, or score a JSONL file of pairs in bounded memory."""
+"""`darl-infer`: rank items for a query, or score a JSONL file of pairs in bounded memory.
+
+Bad input (an argument, a data file, the checkpoint) is one line on stderr naming the problem
+(file:line for data) and exit code 2, found before the model is loaded wherever it can be.
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import sys
-from itertools import groupby
+from itertools import islice
+from pathlib import Path
 
-from .jsonl import DataError, iter_rows
-from .scorer import BACKEND_CHOICES, Scorer
+from .atomic import atomic_file
+from .backends import BACKEND_CHOICES
+from .base_models import BaseModelMissing
+from .checkpoint import CheckpointError, resolve_checkpoint
+from .jsonl import DataError, iter_lines, iter_rows
+from .pairs import group_by_query
+from .scorer import Scorer
 from .serve.cli import add_arguments as add_serve_arguments
 from .serve.cli import run as run_serve
+
+# what a user can fix: reported in one line with exit code 2, never a traceback
+INPUT_ERRORS = (DataError, CheckpointError, BaseModelMissing)
+
+
+def at_least(minimum: int):
+    """argparse type: an integer >= minimum."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < minimum:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {text!r}")
+        return value
+
+    return parse
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -24,14 +54,15 @@ def _load(args) -> Scorer:
 
 
 def _read_items(source: str) -> list[str]:
-    f = sys.stdin if source == "-" else open(source, encoding="utf-8")
-    with f:
-        return [line.rstrip("\n") for line in f if line.strip()]
+    return [line.rstrip("\r\n") for _, line in iter_lines(source) if line.strip()]
 
 
 def cmd_rank(args) -> int:
-    scorer = _load(args)
+    if not args.query.strip():
+        raise DataError("--query: query is empty")
     items = _read_items(args.items)
+    resolve_checkpoint(args.checkpoint)
+    scorer = _load(args)
     result = scorer.score(args.query, items)
     ranked = scorer.rank(args.query, items, top_k=args.top_k)
     print(f"{'#':>3}  {'grade':<12} {'score':>6}  item")
@@ -42,32 +73,52 @@ def cmd_rank(args) -> int:
     return 0
 
 
+def _check_output(input_path: str, output: str) -> None:
+    if output == "-":
+        return
+    out = Path(output)
+    if out.is_dir():
+        raise DataError(f"{out}: is a directory; --output names a file")
+    if not out.parent.is_dir():
+        raise DataError(f"{out}: directory {out.parent} does not exist")
+    source = Path(input_path)
+    if input_path != "-" and (out.resolve() == source.resolve() or (out.exists() and source.exists() and os.path.samefile(out, source))):
+        raise DataError(f"--input and --output are the same file ({out}); write the scores to another file")
+
+
 def cmd_score(args) -> int:
-    """Stream: at most `--buffer` pairs in memory; consecutive pairs of one query share a prefix run."""
+    """Stream: at most `--buffer` pairs in memory; the pairs of one query in a buffer share a prefix run.
+
+    The output is written to a temporary file beside --output and renamed when complete: on any
+    error the previous file is untouched. A file input is checked line by line before the model
+    loads (stdin can be read once only: its lines are checked as they are scored).
+    """
+    _check_output(args.input, args.output)
+    resolve_checkpoint(args.checkpoint)
+    if args.input != "-":
+        for _ in iter_rows(args.input):
+            pass
     scorer = _load(args)
-    out = sys.stdout if args.output == "-" else open(args.output, "w", encoding="utf-8")
     rows = (row for _, row in iter_rows(args.input))
-    with out:
-        while True:
-            buffer = [row for _, row in zip(range(args.buffer), rows)]
-            if not buffer:
-                break
-            for query, group in groupby(buffer, key=lambda r: r["query"]):
-                group = list(group)
-                result = scorer.score(query, [r["item"] for r in group])
-                for i, row in enumerate(group):
-                    row.update(
-                        score=float(result.scores[i]),
-                        grade=int(result.grades[i]),
-                        probs=[float(p) for p in result.probs[i]],
-                        truncated=bool(result.truncated[i]),
+    writing = contextlib.nullcontext(sys.stdout) if args.output == "-" else atomic_file(args.output)
+    with writing as out:
+        while buffer := list(islice(rows, args.buffer)):
+            for query, idx in group_by_query(row["query"] for row in buffer).items():
+                result = scorer.score(query, [buffer[i]["item"] for i in idx])
+                for j, i in enumerate(idx):
+                    buffer[i].update(
+                        score=float(result.scores[j]),
+                        grade=int(result.grades[j]),
+                        probs=[float(p) for p in result.probs[j]],
+                        truncated=bool(result.truncated[j]),
                     )
-                    out.write(json.dumps(row, ensure_ascii=False) + "\n")
+            for row in buffer:
+                out.write(json.dumps(row, ensure_ascii=False) + "\n")
     return 0
 
 
 def cmd_export(args) -> int:
-    from .onnx_export import export
+    from .backends.onnx_export import export
 
     section = export(args.checkpoint, args.out_dir, optimize=not args.no_optimize, int8=args.int8)
     print(f"exported to {args.out_dir}: {', '.join(section['files'])}")
@@ -76,18 +127,18 @@ def cmd_export(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="darl-infer", description=__doc__)
+    parser = argparse.ArgumentParser(prog="darl-infer", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     rank = sub.add_parser("rank", help="rank items (one per line) for a query")
     rank.add_argument("--query", required=True)
     rank.add_argument("--items", required=True, help="file with one item per line, or - for stdin")
-    rank.add_argument("--top-k", type=int, default=None)
+    rank.add_argument("--top-k", type=at_least(0), default=None)
     _add_model_args(rank)
     rank.set_defaults(func=cmd_rank)
     score = sub.add_parser("score", help="score a JSONL file of {query, item} pairs")
     score.add_argument("--input", required=True, help="JSONL pairs, or - for stdin")
     score.add_argument("--output", default="-", help="JSONL out (input fields + score, grade, probs, truncated)")
-    score.add_argument("--buffer", type=int, default=4096, help="pairs held in memory at once")
+    score.add_argument("--buffer", type=at_least(1), default=4096, help="pairs held in memory at once")
     _add_model_args(score)
     score.set_defaults(func=cmd_score)
     export = sub.add_parser("export", help="export a checkpoint to ONNX graphs for the onnx backend")
@@ -106,8 +157,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except DataError as e:
-        raise SystemExit(f"darl-infer: {e}") from None
+    except (*INPUT_ERRORS, FileExistsError) as e:
+        print(f"darl-infer: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

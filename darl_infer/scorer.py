@@ -12,27 +12,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoint import CheckpointError, CheckpointSpec
-from .model import load_checkpoint_model, resolve_dtype
-from .onnx_export import is_onnx_export
-from .template import check_text
-
-DEFAULT_MODEL_DIR = Path(__file__).parent / "default_model"
-# imported on first use: triton and onnxruntime are optional extras
-BACKENDS = {
-    "reference": "darl_infer.backends:ReferenceBackend",
-    "torch": "darl_infer.backends:TorchBackend",
-    "triton": "darl_infer.triton_backend:TritonBackend",
-    "onnx": "darl_infer.onnx_backend:OnnxBackend",
-}
-BACKEND_CHOICES = ("auto", *BACKENDS)
-
-
-def backend_class(name: str):
-    if name not in BACKENDS:
-        raise ValueError(f"unknown backend {name!r}; choose one of {list(BACKEND_CHOICES)}")
-    module, cls = BACKENDS[name].split(":")
-    return getattr(importlib.import_module(module), cls)
+from .backends import BACKEND_CHOICES, backend_class, check_backend_options
+from .backends.onnx_format import is_onnx_export
+from .checkpoint import SPEC_FILE, CheckpointSpec, read_spec, resolve_checkpoint
+from .loading import load_checkpoint_model, resolve_device, resolve_dtype
+from .pairs import group_by_query
+from .validate import check_int, check_items, check_text
 
 
 @dataclass
@@ -47,17 +32,12 @@ class ScoreResult:
         return len(self.scores)
 
 
-def resolve_checkpoint(name_or_path: str | Path | None) -> Path:
-    if name_or_path is None or name_or_path == "default":
-        return DEFAULT_MODEL_DIR
-    path = Path(name_or_path)
-    if not path.is_dir():
-        raise CheckpointError(f"{path}: checkpoint directory not found")
-    return path
-
-
 class Scorer:
+    """Scores (query, item) pairs with a checkpoint; safe to share between threads (each call keeps
+    its own state, the model is only read)."""
+
     def __init__(self, model, tokenizer, spec: CheckpointSpec, backend: str = "torch", **backend_options):
+        check_backend_options(backend, backend_options)
         self.spec = spec
         self.encoder = spec.template.encoder(tokenizer)
         self.backend = backend_class(backend)(model, **backend_options)
@@ -73,32 +53,39 @@ class Scorer:
         device: str | torch.device | None = None,
         **backend_options,
     ) -> "Scorer":
-        """Load a checkpoint directory; `None` (or "default") loads the embedded default model."""
+        """Load a checkpoint directory; `None` (or "default") loads the embedded default model.
+
+        Every argument and the checkpoint's darl.json are checked before the model is loaded.
+        """
         if backend not in BACKEND_CHOICES:
             raise ValueError(f"unknown backend {backend!r}; choose one of {list(BACKEND_CHOICES)}")
+        resolved_device = resolve_device(device)
+        resolved_dtype = resolve_dtype(dtype, resolved_device)
         directory = resolve_checkpoint(name_or_path)
-        if is_onnx_export(directory) or backend == "onnx":
-            return cls._from_onnx_export(directory, backend, dtype, device, **backend_options)
-        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        raw = read_spec(directory)
+        if is_onnx_export(raw) or backend == "onnx":
+            return cls._from_onnx_export(directory, raw, backend, dtype, device, **backend_options)
         if backend == "auto":  # the Triton kernels on CUDA when triton imports; never on CPU (interpreter only)
-            triton_ok = device.type == "cuda" and importlib.import_module("darl_infer.kernels._triton").HAS_TRITON
+            triton_ok = resolved_device.type == "cuda" and importlib.import_module("darl_infer.kernels._triton").HAS_TRITON
             backend = "triton" if triton_ok else "torch"
-        spec = CheckpointSpec.load(directory)
-        model, tokenizer = load_checkpoint_model(directory, spec, resolve_dtype(dtype, device), device)
+        check_backend_options(backend, backend_options)
+        spec = CheckpointSpec.from_dict(raw, directory / SPEC_FILE)
+        model, tokenizer = load_checkpoint_model(directory, spec, resolved_dtype, resolved_device)
         return cls(model, tokenizer, spec, backend=backend, **backend_options)
 
     @classmethod
-    def _from_onnx_export(cls, directory: Path, backend: str, dtype, device, **backend_options) -> "Scorer":
+    def _from_onnx_export(cls, directory: Path, raw: dict, backend: str, dtype, device, **backend_options) -> "Scorer":
         if backend not in ("auto", "onnx"):
             raise ValueError(f"{directory} is an ONNX export: load it with backend='onnx' (or 'auto'), not {backend!r}")
-        if dtype not in ("auto", "fp32", torch.float32):
+        if not (dtype in ("auto", "fp32") or dtype == torch.float32):
             raise ValueError(f"an ONNX export runs in the precision it was exported in; dtype must be 'auto' or 'fp32', not {dtype!r}")
+        check_backend_options("onnx", backend_options)
         from transformers import AutoTokenizer
 
-        from .onnx_backend import OnnxExport
+        from .backends.onnx_format import OnnxExport
 
-        export = OnnxExport.load(directory)  # before the tokenizer: names a missing or altered file
-        spec = CheckpointSpec.load(directory)
+        export = OnnxExport.from_spec(directory, raw)  # before the tokenizer: names a missing or altered file
+        spec = CheckpointSpec.from_dict(raw, directory / SPEC_FILE)
         tokenizer = AutoTokenizer.from_pretrained(str(directory))
         return cls(export, tokenizer, spec, backend="onnx", device=device, **backend_options)
 
@@ -106,7 +93,8 @@ class Scorer:
     def labels(self) -> list[str]:
         return self.spec.labels
 
-    def score(self, query: str, items: list[str]) -> ScoreResult:
+    def score(self, query: str, items) -> ScoreResult:
+        """Scores of `items` (any ordered iterable of str, read once; see validate.check_items) for `query`."""
         enc = self.encoder.encode(query, items)
         probs = self.backend.probs(enc)
         return ScoreResult(
@@ -117,11 +105,15 @@ class Scorer:
             labels=self.labels,
         )
 
-    def score_many(self, batch: list[tuple[str, list[str]]]) -> list[ScoreResult]:
+    def score_many(self, batch) -> list[ScoreResult]:
         return [self.score(query, items) for query, items in batch]
 
-    def rank(self, query: str, items: list[str], top_k: int | None = None, return_documents: bool = False) -> list[dict]:
-        """Items best first, as `[{"corpus_id", "score", "grade"[, "text"]}]` (CrossEncoder.rank's shape)."""
+    def rank(self, query: str, items, top_k: int | None = None, return_documents: bool = False) -> list[dict]:
+        """Items best first, as `[{"corpus_id", "score", "grade"[, "text"]}]` (CrossEncoder.rank's shape).
+        `top_k`: keep the best k (None: all)."""
+        if top_k is not None:
+            check_int(top_k, "top_k", 0)
+        items = check_items(items)
         result = self.score(query, items)
         order = np.argsort(-result.scores, kind="stable")[:top_k]
         ranked = []
@@ -132,14 +124,15 @@ class Scorer:
             ranked.append(row)
         return ranked
 
-    def predict(self, pairs: list[tuple[str, str]]) -> np.ndarray:
+    def predict(self, pairs) -> np.ndarray:
         """Expected-grade scores of (query, item) pairs in input order; each query's prefix runs once."""
-        groups: dict[str, list[int]] = {}
+        pairs = list(pairs)
         for n, pair in enumerate(pairs):
-            if isinstance(pair, str) or len(pair) != 2:
+            if isinstance(pair, (str, bytes)) or not hasattr(pair, "__len__") or len(pair) != 2:
                 raise TypeError(f"pairs[{n}] must be a (query, item) pair")
-            groups.setdefault(check_text(pair[0], f"pairs[{n}][0] (query)"), []).append(n)
+            check_text(pair[0], f"pairs[{n}][0] (query)")
+            check_text(pair[1], f"pairs[{n}][1] (item)")
         scores = np.empty(len(pairs), dtype=np.float32)
-        for query, idx in groups.items():
+        for query, idx in group_by_query(query for query, _ in pairs).items():
             scores[idx] = self.score(query, [pairs[n][1] for n in idx]).scores
         return scores

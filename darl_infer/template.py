@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 from .config import from_fields
+from .validate import check_items, check_text
 
 
 @dataclass(frozen=True)
@@ -58,18 +59,15 @@ class Encoded:
     meta: dict = field(default_factory=dict)
 
 
-def check_text(value, what: str) -> str:
-    if not isinstance(value, str):
-        raise TypeError(f"{what} must be a str, got {type(value).__name__}")
-    return value
-
-
 class TemplateEncoder:
     """A template bound to a tokenizer, with the constant segments tokenized once."""
 
     def __init__(self, template: Template, tokenizer):
         self.template = template
         self.tokenizer = tokenizer
+        # Thread safety: a HF fast tokenizer's call switches off its backend's truncation and
+        # padding settings when they are set (and never back on). The calls below make that
+        # happen here, once, so later calls from several threads only read the tokenizer.
         bos = tokenizer.bos_token_id
         adds_bos = bos is not None and tokenizer("a").input_ids[:1] == [bos]
         self.bos = [bos] if adds_bos else []
@@ -88,19 +86,17 @@ class TemplateEncoder:
             return []
         return self.tokenizer(texts, add_special_tokens=False).input_ids
 
-    def encode(self, query: str, items: list[str]) -> Encoded:
+    def encode(self, query: str, items) -> Encoded:
+        """`items`: any ordered iterable of str, read once (validate.check_items)."""
         check_text(query, "query")
         if not query.strip():
             raise ValueError("query is empty")
-        if isinstance(items, str):
-            raise TypeError("items must be a list of str, got a single str")
-        for i, item in enumerate(items):
-            check_text(item, f"items[{i}]")
+        items = check_items(items)
         q = self._ids(query)
         q_cut = len(q) > self.template.max_query_tokens
         prefix = self.instruction + self.query_label + q[: self.template.max_query_tokens] + self.item_label
         suffixes, truncated = [], []
-        for ids in self._ids_many(list(items)):
+        for ids in self._ids_many(items):
             cut = len(ids) > self.template.max_item_tokens
             suffixes.append(ids[: self.template.max_item_tokens] + self.answer_cue)
             truncated.append(cut or q_cut)

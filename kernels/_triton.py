@@ -7,6 +7,15 @@ reads TRITON_INTERPRET when a kernel is defined (on import), not when it is laun
 
 from __future__ import annotations
 
+import threading
+
+# Held while a kernel is launched: Triton keeps per-launch state on shared objects, so launches
+# from several threads at once would mix it up. On CUDA the autotuner stores the launch's
+# arguments on itself (`Autotuner.nargs`) until the launch returns; in the CPU interpreter a launch
+# patches triton.language module-wide and sets a global grid index while the kernel runs. On CUDA
+# a launch is asynchronous, so the lock covers the launch, not the kernel's run time.
+LAUNCH_LOCK = threading.Lock()
+
 try:
     import triton
     import triton.language as tl
@@ -30,4 +39,4 @@ except ImportError:
 
     triton = tl = _TritonMissing()
 
-__all__ = ["HAS_TRITON", "INTERPRETED", "triton", "tl"]
+__all__ = ["HAS_TRITON", "INTERPRETED", "LAUNCH_LOCK", "triton", "tl"]

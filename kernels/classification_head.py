@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from darl_infer.kernels._triton import tl, triton
+from darl_infer.kernels._triton import LAUNCH_LOCK, tl, triton
 
 NORM_VARIANTS = ("llama", "gemma")
 
@@ -121,10 +121,11 @@ def classification_head(
     N = cu_seqlens.numel() - 1
     probs = torch.empty(N, K, device=hidden.device, dtype=torch.float32)
     expected = torch.empty(N, device=hidden.device, dtype=torch.float32)
-    _classification_head_kernel[(N,)](
-        hidden, cu_seqlens.to(hidden.device), norm_weight, score_weight, grade_values, probs, expected,
-        hidden.stride(0), score_weight.stride(0), probs.stride(0), norm_eps,
-        HIDDEN=H, K=K, GEMMA_NORM=norm_variant == "gemma",
-        BLOCK_H=min(triton.next_power_of_2(H), 1024), BLOCK_K=triton.next_power_of_2(K),
-    )
+    with LAUNCH_LOCK:
+        _classification_head_kernel[(N,)](
+            hidden, cu_seqlens.to(hidden.device), norm_weight, score_weight, grade_values, probs, expected,
+            hidden.stride(0), score_weight.stride(0), probs.stride(0), norm_eps,
+            HIDDEN=H, K=K, GEMMA_NORM=norm_variant == "gemma",
+            BLOCK_H=min(triton.next_power_of_2(H), 1024), BLOCK_K=triton.next_power_of_2(K),
+        )
     return probs, expected

@@ -20,7 +20,7 @@ import math
 
 import torch
 
-from darl_infer.kernels._triton import INTERPRETED, tl, triton
+from darl_infer.kernels._triton import INTERPRETED, LAUNCH_LOCK, tl, triton
 
 LOG2_E = math.log2(math.e)  # the kernel works in base 2: exp(x) = exp2(x * log2(e))
 
@@ -258,13 +258,14 @@ def shared_prefix_attention(
     window = sliding_window if sliding_window is not None else P + T + 1
     G = H // Hkv
     grid = lambda meta: (triton.cdiv(T * G, meta["BLOCK_M"]), Hkv)  # noqa: E731
-    _shared_prefix_attention_kernel[grid](
-        q, k, v, prefix_k, prefix_v, out, cu,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        prefix_k.stride(0), prefix_k.stride(1), prefix_v.stride(0), prefix_v.stride(1), out.stride(0), out.stride(1),
-        T, P, N, (N - 1).bit_length(), max(P - window + 1, 0), window, scale * LOG2_E,
-        HEAD_DIM=D, GROUP=G, BLOCK_D=max(16, triton.next_power_of_2(D)),
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # no TF32 rounding for fp32 models
-        DOT_IN_FP32=INTERPRETED and q.dtype == torch.bfloat16,
-    )
+    with LAUNCH_LOCK:
+        _shared_prefix_attention_kernel[grid](
+            q, k, v, prefix_k, prefix_v, out, cu,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+            prefix_k.stride(0), prefix_k.stride(1), prefix_v.stride(0), prefix_v.stride(1), out.stride(0), out.stride(1),
+            T, P, N, (N - 1).bit_length(), max(P - window + 1, 0), window, scale * LOG2_E,
+            HEAD_DIM=D, GROUP=G, BLOCK_D=max(16, triton.next_power_of_2(D)),
+            DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # no TF32 rounding for fp32 models
+            DOT_IN_FP32=INTERPRETED and q.dtype == torch.bfloat16,
+        )
     return out

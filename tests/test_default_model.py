@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from darl_infer import Scorer
-from darl_infer.scorer import DEFAULT_MODEL_DIR
+from darl_infer.checkpoint import DEFAULT_MODEL_DIR
 from darl_infer.training.data import read_pairs
 from darl_infer.training.evaluate import evaluate_pairs
 

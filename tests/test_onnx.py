@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import random
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -15,8 +16,9 @@ pytest.importorskip("onnxruntime")
 from darl_infer import CheckpointError, Scorer  # noqa: E402
 from darl_infer.cli import main as cli_main  # noqa: E402
 from darl_infer.kernels.shared_prefix_attention import shared_prefix_attention_reference  # noqa: E402
-from darl_infer.onnx_export import export, padded_shared_prefix_attention, sha256  # noqa: E402
-from darl_infer.scorer import DEFAULT_MODEL_DIR  # noqa: E402
+from darl_infer.backends.onnx_export import export, padded_shared_prefix_attention  # noqa: E402
+from darl_infer.backends.onnx_format import sha256  # noqa: E402
+from darl_infer.checkpoint import DEFAULT_MODEL_DIR  # noqa: E402
 
 from tiny_models import make_checkpoint, random_text  # noqa: E402
 
@@ -100,6 +102,21 @@ def test_auto_detects_export_and_cli_export(llama_export):
     assert scorer.backend.name == "onnx"
     rng = random.Random(5)
     assert_matches_reference(checkpoint, export_dir, random_text(rng, 4), ragged_items(rng, 9))
+
+
+def test_threads_sharing_an_onnx_scorer_get_the_sequential_results(llama_export):
+    checkpoint, export_dir = llama_export
+    scorer = Scorer.from_pretrained(export_dir, token_budget=30)
+    rng = random.Random(8)
+    jobs = [(random_text(rng, rng.randint(1, 6)), ragged_items(rng, rng.randint(1, 8), longest=12)) for _ in range(12)]
+    sequential = [scorer.score(query, items).probs for query, items in jobs]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        threaded = list(pool.map(lambda job: scorer.score(*job).probs, jobs))
+    for got, want in zip(threaded, sequential):
+        assert np.array_equal(got, want)
+    reference = Scorer.from_pretrained(checkpoint, backend="reference")
+    for (query, items), got in zip(jobs, sequential):
+        assert np.abs(got - reference.score(query, items).probs).max() <= ONNX_TOL
 
 
 def test_int8_export_scores_close(tmp_path):

@@ -4,14 +4,16 @@ Without CUDA the kernels run in Triton's interpreter (TRITON_INTERPRET=1, set in
 the tiny models and item counts stay small.
 """
 
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import pytest
 import torch
 
 from conftest import ragged_items
 from darl_infer import Scorer
-from darl_infer import triton_backend
-from darl_infer.backends import length_sorted_chunks
+from darl_infer.backends import triton_backend
+from darl_infer.backends.chunking import length_sorted_chunks
 from darl_infer.kernels import classification_head, shared_prefix_attention
 from darl_infer.kernels._triton import HAS_TRITON
 from tiny_models import random_text
@@ -66,6 +68,18 @@ def test_triton_backend_launches_the_kernels(scorers, monkeypatch, rng):
     n_layers = scorer.backend.model.config.num_hidden_layers
     assert len(attention) == n_layers * (1 + n_chunks)  # the prefix pass, then every chunk of items
     assert len(head) == n_chunks
+
+
+def test_threads_sharing_a_triton_scorer_get_the_sequential_results(scorers, rng):
+    """Triton launches from several threads at once (the autotuner and the interpreter keep launch
+    state on shared objects): every call still gets exactly its sequential result."""
+    scorer = scorers("llama", "triton", token_budget=40)
+    jobs = [(random_text(rng, 3), ragged_items(rng, 3, max_tokens=12)) for _ in range(6)]
+    sequential = [scorer.score(query, items).probs for query, items in jobs]
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        threaded = list(pool.map(lambda job: scorer.score(*job).probs, jobs))
+    for got, want in zip(threaded, sequential):
+        assert np.array_equal(got, want)
 
 
 def test_triton_on_cpu_without_interpreter_says_what_to_do(monkeypatch):

@@ -65,3 +65,19 @@ def make_checkpoint(directory: Path, arch: str, seed: int = 0, template: Templat
 
 def random_text(rng: random.Random, n_tokens: int) -> str:
     return " ".join(rng.choice(WORDS) for _ in range(n_tokens))
+
+
+def make_adapter_checkpoint(directory: Path, base_dir: Path, seed: int = 0) -> Path:
+    """A PEFT LoRA checkpoint (adapter + head) over the local base model folder `base_dir`."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    base = AutoModelForSequenceClassification.from_pretrained(str(base_dir), num_labels=3)
+    lora = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], modules_to_save=["score"], task_type="SEQ_CLS")
+    model = get_peft_model(base, lora)
+    for name, p in model.named_parameters():  # LoRA B starts at zero: make the adapter matter
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.05)
+    model.save_pretrained(str(directory))
+    CheckpointSpec(base_model=str(base_dir), template=Template(instruction="w1 w2 w3", max_item_tokens=64)).save(directory)
+    return directory

@@ -6,6 +6,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+from darl_infer import pairs as pairs_lib
 from darl_infer.jsonl import DataError, iter_rows
 
 
@@ -32,7 +33,4 @@ def read_pairs(path: str | Path, num_labels: int = 3, limit: int | None = None, 
 
 
 def group_by_query(pairs: list[Pair]) -> dict[str, list[int]]:
-    groups: dict[str, list[int]] = {}
-    for i, p in enumerate(pairs):
-        groups.setdefault(p.query, []).append(i)
-    return groups
+    return pairs_lib.group_by_query(p.query for p in pairs)

@@ -15,6 +15,9 @@ import argparse
 import json
 import sys
 
+from darl_infer.backends import BACKEND_CHOICES
+from darl_infer.cli import INPUT_ERRORS, at_least
+
 from .data import DataError, read_pairs
 from .evaluate import NEGATIVE_QUERIES, NEGATIVES_PER_QUERY
 
@@ -23,17 +26,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="darl-eval", description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", default=None, help="checkpoint directory (default: the embedded default model)")
     parser.add_argument("--data", action="append", required=True, help="labelled JSONL file; repeat for several")
-    parser.add_argument("--limit", type=int, default=None, help="evaluate a seeded random sample of this many pairs per file")
+    parser.add_argument("--limit", type=at_least(1), default=None, help="evaluate a seeded random sample of this many pairs per file")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--backend", default="auto", help="Scorer backend (default: auto)")
-    parser.add_argument("--negative-queries", type=int, default=NEGATIVE_QUERIES,
+    parser.add_argument("--backend", default="auto", choices=BACKEND_CHOICES, help="Scorer backend (default: auto)")
+    parser.add_argument("--negative-queries", type=at_least(0), default=NEGATIVE_QUERIES,
                         help=f"queries per file that are shown foreign items (default {NEGATIVE_QUERIES})")
-    parser.add_argument("--negatives-per-query", type=int, default=NEGATIVES_PER_QUERY,
+    parser.add_argument("--negatives-per-query", type=at_least(1), default=NEGATIVES_PER_QUERY,
                         help=f"foreign items per such query (default {NEGATIVES_PER_QUERY})")
     args = parser.parse_args(argv)
 
     from darl_infer import Scorer
-    from darl_infer.checkpoint import CheckpointError
 
     from .evaluate import evaluate_pairs
 
@@ -46,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
             bad = next((p for p in pairs if p.label >= num_labels), None)
             if bad is not None:
                 raise DataError(f"{path}: label {bad.label} is not an integer in 0..{num_labels - 1} (the checkpoint's grades)")
-    except (DataError, CheckpointError) as e:
+    except INPUT_ERRORS as e:
         print(f"darl-eval: error: {e}", file=sys.stderr)
         return 2
     options = {"negative_queries": args.negative_queries, "negatives_per_query": args.negatives_per_query, "seed": args.seed}

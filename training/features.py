@@ -9,7 +9,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from darl_infer.prefix_cache import PrefixRunner
+from darl_infer.backends.prefix_runner import PrefixRunner
+from darl_infer.pairs import group_by_query
 
 
 @torch.no_grad()
@@ -17,11 +18,8 @@ def pair_features(
     runner: PrefixRunner, head, encoder, pairs: list[tuple[str, str]], max_items_per_pass: int = 64
 ) -> tuple[np.ndarray, np.ndarray]:
     """(hidden (N, H), logits (N, K)) for `pairs` in input order; `head` maps hidden to logits."""
-    groups: dict[str, list[int]] = {}
-    for n, (query, _) in enumerate(pairs):
-        groups.setdefault(query, []).append(n)
     hidden_rows: dict[int, torch.Tensor] = {}
-    for query, idx in groups.items():
+    for query, idx in group_by_query(query for query, _ in pairs).items():
         enc = encoder.encode(query, [pairs[n][1] for n in idx])
         cache = runner.prefix(torch.tensor(enc.prefix, dtype=torch.long))
         for start in range(0, len(idx), max_items_per_pass):

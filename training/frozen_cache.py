@@ -13,7 +13,7 @@ cache is computed once and shared by every run with the same base, split, templa
 
 How: the decoder's layer list (and `config.layer_types`, which HF models index by position) is
 temporarily sliced, and the slice runs on hidden states through the same shared-prefix attention
-as serving (darl_infer.prefix_cache).
+as serving (darl_infer.backends.prefix_runner).
 """
 
 from __future__ import annotations
@@ -21,13 +21,14 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from darl_infer.prefix_cache import PrefixRunner, SharedPrefixCache, _activate
+from darl_infer.atomic import atomic_file
+from darl_infer.backends.attention_hook import active
+from darl_infer.backends.prefix_runner import PrefixRunner, SharedPrefixCache
 
 
 @contextlib.contextmanager
@@ -74,7 +75,7 @@ class FrozenSplit:
     def top_prefix(self, instruction_states: torch.Tensor) -> SharedPrefixCache:
         P = instruction_states.shape[0]
         cache = SharedPrefixCache(torch.tensor([0, P]), recording=True, length=P, attention_op=self.runner.attention_op)
-        with layer_slice(self.decoder, self.split), _activate(cache):
+        with layer_slice(self.decoder, self.split), active(cache):
             self.decoder(inputs_embeds=instruction_states[None], position_ids=torch.arange(P)[None], use_cache=False)
         cache.recording = False
         return cache
@@ -86,7 +87,7 @@ class FrozenSplit:
         cu[1:] = lengths.cumsum(0)
         positions = cache.length + torch.arange(int(cu[-1])) - torch.repeat_interleave(cu[:-1], lengths)
         cache.cu_seqlens = cu
-        with layer_slice(self.decoder, self.split), _activate(cache):
+        with layer_slice(self.decoder, self.split), active(cache):
             out = self.decoder(inputs_embeds=torch.cat(pair_states)[None], position_ids=positions[None], use_cache=False)
         return out.last_hidden_state[0][cu[1:] - 1]
 
@@ -130,10 +131,9 @@ class StateStore:
             self.instruction_states, states = frozen.bottom(self.instruction, [list(s) for s in missing])
             self.memory.update(zip(missing, states))
             self.directory.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".tmp{os.getpid()}")
-            torch.save({"instruction": self.instruction_states, "sequences": sequences,
-                        "pairs": [self.memory[tuple(s)] for s in sequences]}, tmp)
-            tmp.rename(path)
+            with atomic_file(path, "wb") as f:
+                torch.save({"instruction": self.instruction_states, "sequences": sequences,
+                            "pairs": [self.memory[tuple(s)] for s in sequences]}, f)
             self.loaded.add(path)
         return self.instruction_states, [self.memory[tuple(s)] for s in sequences]
 

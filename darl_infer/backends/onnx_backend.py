@@ -1,76 +1,21 @@
-"""The `onnx` backend: ONNX Runtime runs an exported checkpoint (see onnx_export.py).
+"""The `onnx` backend: ONNX Runtime runs an exported checkpoint (format: onnx_format.py).
 
 The prefix graph runs once per query; its K/V stay in ONNX Runtime's memory (on the GPU with the
 CUDA provider) and are bound as inputs of every items-graph call, one copy for all items.
-Loading validates darl.json's "onnx" section and every file's sha256, and names the file at fault.
 """
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 import torch
 
-from .backends import length_sorted_chunks
-from .checkpoint import SPEC_FILE, CheckpointError
-from .onnx_export import GRAPH_IO, ITEMS_GRAPH, ONNX_FORMAT_VERSION, PREFIX_GRAPH, sha256
-from .template import Encoded
-
-
-@dataclass
-class OnnxExport:
-    """A validated export folder: every listed file present and unchanged since the export."""
-
-    directory: Path
-    section: dict
-    num_labels: int
-
-    @classmethod
-    def load(cls, directory: str | Path, verify_checksums: bool = True) -> "OnnxExport":
-        directory = Path(directory)
-        path = directory / SPEC_FILE
-        try:
-            spec = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise CheckpointError(f"{path}: missing (not a darl_infer export)") from None
-        except (ValueError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"{path}: not valid JSON ({e})") from None
-
-        def bad(fld: str, why: str):
-            return CheckpointError(f"{path}: field {fld!r} {why}")
-
-        section = spec.get("onnx") if isinstance(spec, dict) else None
-        if not isinstance(section, dict):
-            raise bad("onnx", "is missing: not an ONNX export; create one with `darl-infer export CHECKPOINT OUT_DIR`")
-        if section.get("format_version") != ONNX_FORMAT_VERSION:
-            raise bad(
-                "onnx.format_version",
-                f"is {section.get('format_version')!r}; this darl_infer reads {ONNX_FORMAT_VERSION} (re-export the checkpoint)",
-            )
-        if section.get("graphs") != GRAPH_IO:
-            raise bad("onnx.graphs", f"must be {GRAPH_IO}")
-        files = section.get("files")
-        if not (isinstance(files, dict) and all(isinstance(v, str) for v in files.values())):
-            raise bad("onnx.files", "must map file names to sha256 hex digests")
-        for graph in GRAPH_IO:
-            if graph not in files:
-                raise bad("onnx.files", f"does not list {graph}")
-        for name, digest in files.items():
-            file = directory / name
-            if Path(name).name != name:
-                raise bad("onnx.files", f"names {name!r}, which is not a file inside the export")
-            if not file.is_file():
-                raise CheckpointError(f"{file}: missing")
-            if verify_checksums and sha256(file) != digest:
-                raise CheckpointError(f"{file}: sha256 does not match darl.json (changed or corrupt since export); re-export")
-        labels = spec.get("labels")
-        if not isinstance(labels, list):
-            raise bad("labels", "must be a list")
-        return cls(directory, section, len(labels))
+from ..checkpoint import CheckpointError
+from ..template import Encoded
+from .chunking import length_sorted_chunks
+from .onnx_format import GRAPH_IO, ITEMS_GRAPH, PREFIX_GRAPH, OnnxExport
 
 
 def _providers(device: str | torch.device | None) -> list[str]:
@@ -109,8 +54,8 @@ class OnnxBackend:
     def __init__(
         self, export: OnnxExport, token_budget: int = 2048, threads: int = 0, device: str | torch.device | None = None
     ):
-        if token_budget < 1:
-            raise ValueError(f"token_budget must be >= 1, got {token_budget}")
+        """`token_budget`: item tokens per items-graph call; `threads`: ONNX Runtime's intra-op
+        threads, 0 for one per physical core (options are checked by the Scorer)."""
         self.token_budget = token_budget
         self.num_labels = export.num_labels
         self.providers = _providers(device)

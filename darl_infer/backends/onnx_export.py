@@ -1,11 +1,8 @@
-"""Export a DaRL checkpoint to two ONNX graphs that keep the prefix computed once per query.
+"""Export a DaRL checkpoint to two ONNX graphs that keep the prefix computed once per query
+(the folder's format: onnx_format.py).
 
-    prefix.onnx   prefix_ids (1, P)                              -> prefix_k, prefix_v (layers, P, Hkv, D)
-    items.onnx    item_ids (N, L) right-padded, item_lengths (N,),
-                  prefix_k, prefix_v (one copy, not per item)    -> probs (N, K), scores (N,)
-
-The HF model runs unchanged; only its attention is swapped, through transformers'
-AttentionInterface, for an export-friendly padded variant of the shared-prefix attention in
+The HF model runs unchanged; only its attention is swapped, through the attention hook
+(attention_hook.py), for an export-friendly padded variant of the shared-prefix attention in
 kernels/shared_prefix_attention.py (the packed torch op uses data-dependent shapes that do not
 export): every item token attends to the one prefix copy in a single matmul and to its own
 causal keys, and the two halves are merged by log-sum-exp. The head (gather the last real token,
@@ -14,30 +11,26 @@ score Linear, softmax, expected grade) is fused into the items graph.
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
-import hashlib
 import json
-import shutil
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import AttentionInterface
 
 from darl_infer.kernels.shared_prefix_attention import _partial_attention
 
-from .checkpoint import SPEC_FILE, CheckpointError, CheckpointSpec
+from ..atomic import atomic_dir
+from ..checkpoint import SPEC_FILE, CheckpointError, CheckpointSpec, read_spec, resolve_checkpoint
+from ..loading import load_checkpoint_model
+from .attention_hook import active, use_attention_hook
+from .onnx_backend import OnnxBackend
+from .onnx_format import (
+    GRAPH_IO, ITEMS_GRAPH, ONNX_FORMAT_VERSION, ONNX_SECTION, PREFIX_GRAPH, OnnxExport, is_onnx_export, sha256,
+)
+from .reference import ReferenceBackend
 
-ATTN_IMPLEMENTATION = "darl_onnx_padded"
-ONNX_FORMAT_VERSION = 1
 OPSET = 18
-PREFIX_GRAPH, ITEMS_GRAPH = "prefix.onnx", "items.onnx"
-GRAPH_IO = {
-    PREFIX_GRAPH: {"inputs": ["prefix_ids"], "outputs": ["prefix_k", "prefix_v"]},
-    ITEMS_GRAPH: {"inputs": ["item_ids", "item_lengths", "prefix_k", "prefix_v"], "outputs": ["probs", "scores"]},
-}
 
 
 def padded_shared_prefix_attention(
@@ -93,60 +86,32 @@ def padded_shared_prefix_attention(
 
 
 @dataclass
-class _ExportState:
-    """Per forward pass: the prefix pass records each layer's K/V; the items pass reads them."""
+class _ExportPass:
+    """The attention hook's state in a graph's forward: the prefix graph records each layer's K/V;
+    the items graph reads them from its inputs."""
 
     prefix_k: torch.Tensor | None = None  # (layers, P, Hkv, D)
     prefix_v: torch.Tensor | None = None
     recorded: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
-
-_state: contextvars.ContextVar[_ExportState | None] = contextvars.ContextVar("darl_onnx_state", default=None)
-
-
-def _padded_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    state = _state.get()
-    if state is None:
-        raise RuntimeError(f"attention {ATTN_IMPLEMENTATION!r} called outside PrefixGraph/ItemsGraph")
-    if kwargs.get("softcap") is not None:
-        raise NotImplementedError("attention logit soft-capping is not supported")
-    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    window = kwargs.get("sliding_window")
-    if state.prefix_k is None:  # prefix pass: plain causal attention, keep K/V as (P, Hkv, D)
-        state.recorded[module.layer_idx] = (key[0].transpose(0, 1), value[0].transpose(0, 1))
-        return padded_shared_prefix_attention(query, key, value, None, None, scale, window), None
-    layer = module.layer_idx
-    out = padded_shared_prefix_attention(query, key, value, state.prefix_k[layer], state.prefix_v[layer], scale, window)
-    return out, None
-
-
-AttentionInterface.register(ATTN_IMPLEMENTATION, _padded_attention)
-
-
-@contextlib.contextmanager
-def _activate(state: _ExportState):
-    token = _state.set(state)
-    try:
-        yield state
-    finally:
-        _state.reset(token)
-
-
-def _decoder(model) -> torch.nn.Module:
-    decoder = getattr(model, model.base_model_prefix)
-    decoder.set_attn_implementation(ATTN_IMPLEMENTATION)
-    return decoder
+    def attend(self, layer, query, key, value, scale, sliding_window):
+        if self.prefix_k is None:  # prefix pass: plain causal attention, keep K/V as (P, Hkv, D)
+            self.recorded[layer] = (key[0].transpose(0, 1), value[0].transpose(0, 1))
+            return padded_shared_prefix_attention(query, key, value, None, None, scale, sliding_window)
+        return padded_shared_prefix_attention(
+            query, key, value, self.prefix_k[layer], self.prefix_v[layer], scale, sliding_window
+        )
 
 
 class PrefixGraph(torch.nn.Module):
     def __init__(self, model):
         super().__init__()
-        self.decoder = _decoder(model)
+        self.decoder = use_attention_hook(getattr(model, model.base_model_prefix))
 
     def forward(self, prefix_ids: torch.Tensor):
         P = prefix_ids.shape[1]
         positions = torch.arange(P, device=prefix_ids.device)[None]
-        with _activate(_ExportState()) as state:
+        with active(_ExportPass()) as state:
             self.decoder(input_ids=prefix_ids, position_ids=positions, use_cache=False)
         layers = [state.recorded[i] for i in range(len(state.recorded))]
         return torch.stack([k for k, _ in layers]), torch.stack([v for _, v in layers])
@@ -155,35 +120,18 @@ class PrefixGraph(torch.nn.Module):
 class ItemsGraph(torch.nn.Module):
     def __init__(self, model, grade_values: list[float]):
         super().__init__()
-        self.decoder = _decoder(model)
+        self.decoder = use_attention_hook(getattr(model, model.base_model_prefix))
         self.score = model.score
         self.register_buffer("grade_values", torch.tensor(grade_values, dtype=torch.float32))
 
     def forward(self, item_ids, item_lengths, prefix_k, prefix_v):
         N, L = item_ids.shape
         positions = (prefix_k.shape[1] + torch.arange(L, device=item_ids.device))[None].expand(N, L)
-        with _activate(_ExportState(prefix_k, prefix_v)):
+        with active(_ExportPass(prefix_k, prefix_v)):
             hidden = self.decoder(input_ids=item_ids, position_ids=positions, use_cache=False).last_hidden_state
         last = (item_lengths - 1)[:, None, None].expand(N, 1, hidden.shape[-1])
         probs = self.score(hidden.gather(1, last)[:, 0]).float().softmax(-1)
         return probs, probs @ self.grade_values
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def is_onnx_export(directory: Path) -> bool:
-    """An export is a checkpoint directory whose darl.json carries an "onnx" section."""
-    try:
-        spec = json.loads((Path(directory) / SPEC_FILE).read_text())
-    except (OSError, ValueError):
-        return False
-    return isinstance(spec, dict) and "onnx" in spec
 
 
 # Tracing inputs: at least 2 prefix tokens, 2 items and 2 item tokens, so no axis is traced as 1.
@@ -290,63 +238,53 @@ def export(
 ) -> dict:
     """Export `checkpoint` (None or "default": the embedded default model) to `out_dir`.
 
-    Writes into `OUT_DIR.partial` and renames it when complete. Before that, loads the export the
+    Writes into a temporary directory beside OUT_DIR, renamed when complete. Before that, loads the export the
     way users do and checks it against the reference backend on a sample query: an fp32 export
     that disagrees by more than 1e-4 in probability is refused. Returns darl.json's "onnx" section.
     """
-    from .backends import ReferenceBackend
-    from .model import load_checkpoint_model
-    from .scorer import resolve_checkpoint
-
     source = resolve_checkpoint(checkpoint)
-    if is_onnx_export(source):
+    raw = read_spec(source)
+    if is_onnx_export(raw):
         raise CheckpointError(f"{source / SPEC_FILE}: already an ONNX export")
     out = Path(out_dir)
-    if out.exists() and any(out.iterdir()):
+    if out.exists() and any(out.iterdir()):  # before the slow part; atomic_dir checks again at the end
         raise FileExistsError(f"{out}: exists and is not empty; remove it or choose another directory")
-    spec = CheckpointSpec.load(source)
+    spec = CheckpointSpec.from_dict(raw, source / SPEC_FILE)
     model, tokenizer = load_checkpoint_model(source, spec, torch.float32, torch.device("cpu"))
     enc = spec.template.encoder(tokenizer).encode(_CHECK_QUERY, _CHECK_ITEMS)
     expected = ReferenceBackend(model).probs(enc)  # before the attention is swapped for the export's
 
-    partial = out.with_name(out.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    _export_graphs(model, spec, enc, model.config.pad_token_id, partial, opset)
-    fused = {}
-    if optimize:
-        for graph in (PREFIX_GRAPH, ITEMS_GRAPH):
-            fused[graph] = optimize_graph(partial / graph, model.config.num_attention_heads, model.config.hidden_size)
-    if int8:
-        for graph in (PREFIX_GRAPH, ITEMS_GRAPH):
-            quantize_graph(partial / graph)
-    tokenizer.save_pretrained(partial)
+    with atomic_dir(out) as partial:  # an interrupted export never looks complete
+        _export_graphs(model, spec, enc, model.config.pad_token_id, partial, opset)
+        fused = {}
+        if optimize:
+            for graph in (PREFIX_GRAPH, ITEMS_GRAPH):
+                fused[graph] = optimize_graph(partial / graph, model.config.num_attention_heads, model.config.hidden_size)
+        if int8:
+            for graph in (PREFIX_GRAPH, ITEMS_GRAPH):
+                quantize_graph(partial / graph)
+        tokenizer.save_pretrained(partial)
 
-    exported = CheckpointSpec(
-        labels=spec.labels, grade_values=spec.grade_values, template=spec.template, base_model=None,
-        training=spec.training, evaluation=spec.evaluation,
-    ).to_dict()
-    exported["onnx"] = onnx_section = {
-        "format_version": ONNX_FORMAT_VERSION,
-        "opset": opset,
-        "versions": _versions(),
-        "source": {"checkpoint": str(source), "base_model": spec.base_model, "architecture": model.config.model_type},
-        "graphs": GRAPH_IO,
-        "optimized": fused if optimize else None,
-        "int8": int8,
-        "files": {p.name: sha256(p) for p in sorted(partial.iterdir()) if p.is_file()},
-    }
-    spec_path = partial / SPEC_FILE
-    spec_path.write_text(json.dumps(exported, indent=2, ensure_ascii=False) + "\n")
+        exported = CheckpointSpec(
+            labels=spec.labels, grade_values=spec.grade_values, template=spec.template, base_model=None,
+            training=spec.training, evaluation=spec.evaluation,
+        ).to_dict()
+        exported[ONNX_SECTION] = onnx_section = {
+            "format_version": ONNX_FORMAT_VERSION,
+            "opset": opset,
+            "versions": _versions(),
+            "source": {"checkpoint": str(source), "base_model": spec.base_model, "architecture": model.config.model_type},
+            "graphs": GRAPH_IO,
+            "optimized": fused if optimize else None,
+            "int8": int8,
+            "files": {p.name: sha256(p) for p in sorted(partial.iterdir()) if p.is_file()},
+        }
+        spec_path = partial / SPEC_FILE
+        spec_path.write_text(json.dumps(exported, indent=2, ensure_ascii=False) + "\n")
 
-    from .onnx_backend import OnnxBackend, OnnxExport  # through the loading path users take
-
-    got = OnnxBackend(OnnxExport.load(partial)).probs(enc)
-    onnx_section["check_max_abs_prob_diff"] = max_diff = float((got - expected).abs().max())
-    if not int8 and not max_diff <= 1e-4:
-        raise RuntimeError(f"exported graphs disagree with the reference backend: max |Δprob| {max_diff:.3g} > 1e-4")
-    spec_path.write_text(json.dumps(exported, indent=2, ensure_ascii=False) + "\n")
-    if out.exists():
-        out.rmdir()
-    partial.rename(out)  # an interrupted export never looks complete
+        got = OnnxBackend(OnnxExport.load(partial)).probs(enc)  # through the loading path users take
+        onnx_section["check_max_abs_prob_diff"] = max_diff = float((got - expected).abs().max())
+        if not int8 and not max_diff <= 1e-4:
+            raise RuntimeError(f"exported graphs disagree with the reference backend: max |Δprob| {max_diff:.3g} > 1e-4")
+        spec_path.write_text(json.dumps(exported, indent=2, ensure_ascii=False) + "\n")
     return onnx_section

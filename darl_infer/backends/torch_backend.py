@@ -1,9 +1,5 @@
-"""Scoring backends. Each maps an encoded query (prefix + item suffixes) to grade probabilities.
-
-`reference` scores every pair as its own sequence through HF transformers: the oracle.
-`torch` computes the prefix once and runs the items packed against its one KV copy, then the
-fused classification head (final norm on the N last tokens only, projection, softmax).
-"""
+"""The `torch` backend: the prefix once, the items packed against its one KV copy, then the fused
+classification head (final norm on the N last tokens only, projection, softmax)."""
 
 from __future__ import annotations
 
@@ -14,43 +10,9 @@ import torch
 from darl_infer.kernels.classification_head import classification_head_reference
 from darl_infer.kernels.shared_prefix_attention import shared_prefix_attention_reference
 
-from .prefix_cache import PrefixRunner
-from .template import Encoded
-
-
-class ReferenceBackend:
-    name = "reference"
-
-    def __init__(self, model):
-        self.model = model
-        self.device = model.device
-
-    @torch.inference_mode()
-    def probs(self, enc: Encoded) -> torch.Tensor:
-        rows = []
-        for suffix in enc.suffixes:
-            ids = torch.tensor([enc.prefix + suffix], device=self.device)
-            rows.append(self.model(input_ids=ids).logits[0].float().softmax(-1))
-        return torch.stack(rows) if rows else torch.empty(0, self.model.config.num_labels)
-
-
-def length_sorted_chunks(lengths: list[int], token_budget: int) -> list[list[int]]:
-    """Item indices sorted by length, cut into chunks of at most `token_budget` tokens.
-
-    An item longer than the budget gets a chunk of its own. Sorting keeps the items inside one
-    chunk of similar length, so the per-item padding inside the attention op stays small.
-    """
-    chunks, current, used = [], [], 0
-    for i in sorted(range(len(lengths)), key=lambda i: lengths[i]):
-        if current and used + lengths[i] > token_budget:
-            chunks.append(current)
-            current, used = [], 0
-        current.append(i)
-        used += lengths[i]
-    if current:
-        chunks.append(current)
-    return chunks
-
+from ..template import Encoded
+from .chunking import length_sorted_chunks
+from .prefix_runner import PrefixRunner
 
 # final-norm classes whose math the fused head reproduces: class -> (norm variant, eps attribute)
 _KNOWN_FINAL_NORMS = {
@@ -87,8 +49,7 @@ class TorchBackend:
     head_op = staticmethod(classification_head_reference)
 
     def __init__(self, model, token_budget: int = 2048):
-        if token_budget < 1:
-            raise ValueError(f"token_budget must be >= 1, got {token_budget}")
+        """`token_budget`: item tokens per forward pass (options are checked by the Scorer)."""
         if getattr(model.score, "bias", None) is not None:
             raise NotImplementedError("a classification head with a bias is not supported; use backend='reference'")
         self.model = model
@@ -98,14 +59,15 @@ class TorchBackend:
         self.norm_weight, self.norm_eps, self.norm_variant = final_norm_of(decoder)
         # the head applies the final norm, to the last token of each item only
         self.runner = PrefixRunner(decoder, self.attention_op, final_norm=False)
-        # the head's expected grade goes unused: the Scorer weighs with the checkpoint's grade values
-        self.grade_values = torch.arange(model.config.num_labels, dtype=torch.float32, device=self.device)
+        # The head op also returns sum_k p_k * v_k; it is given the grade indices 0..K-1 and its
+        # result goes unused: the Scorer weighs the probabilities with the checkpoint's grade values.
+        self.grade_indices = torch.arange(model.config.num_labels, dtype=torch.float32, device=self.device)
 
     def head(self, hidden: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
         """Grade probabilities (N, K) from the packed pre-norm hidden states of N items."""
         probs, _ = self.head_op(
             hidden, cu_seqlens, self.norm_weight, self.norm_eps, self.norm_variant, self.model.score.weight,
-            self.grade_values,
+            self.grade_indices,
         )
         return probs
 
