@@ -33,14 +33,13 @@ class ScoreResult:
         return len(self.scores)
 
 
-def check_prefix_cache_mb(value, backend: str) -> int:
+def check_prefix_cache_mb(value, backend: str) -> None:
     """The LRU of recent prefixes lives in the backends that reuse prefixes (`probs_many`)."""
     check_int(value, "prefix_cache_mb", 0)
     if value and not hasattr(backend_class(backend), "probs_many"):
         raise ValueError(
             f"prefix_cache_mb needs a backend that reuses prefixes (torch or triton); backend {backend!r} keeps none"
         )
-    return value
 
 
 class Scorer:
@@ -120,9 +119,10 @@ class Scorer:
 
     def score_many(self, batch) -> list[ScoreResult]:
         """`score` of each `(query, items)` of `batch`, in order. The torch and triton backends pack
-        them: the prefixes of all queries in one forward pass, the items of all queries together
-        (each attending only to its own query's prefix), as few passes as the token budget allows;
-        each result equals that query scored alone. Other backends score one query at a time."""
+        them: the queries' prefixes in one forward pass and all their items together, each item
+        attending only to its own query's prefix, in as few passes as the token budget allows (two
+        when everything fits); each result equals that query scored alone. Other backends score
+        one query at a time."""
         encoded = [self.encoder.encode(query, items) for query, items in batch]  # all checked before any scoring
         if hasattr(self.backend, "probs_many"):
             lru = self._prefix_lru if self._prefix_lru.max_bytes else None
