@@ -87,7 +87,8 @@ def _check_output(input_path: str, output: str) -> None:
 
 
 def cmd_score(args) -> int:
-    """Stream: at most `--buffer` pairs in memory; the pairs of one query in a buffer share a prefix run.
+    """Stream: at most `--buffer` pairs in memory, scored in one `score_many` call (the pairs of one
+    query in a buffer share a prefix run; with torch/triton the buffer's queries are packed).
 
     The output is written to a temporary file beside --output and renamed when complete: on any
     error the previous file is untouched. A file input is checked line by line before the model
@@ -103,8 +104,9 @@ def cmd_score(args) -> int:
     writing = contextlib.nullcontext(sys.stdout) if args.output == "-" else atomic_file(args.output)
     with writing as out:
         while buffer := list(islice(rows, args.buffer)):
-            for query, idx in group_by_query(row["query"] for row in buffer).items():
-                result = scorer.score(query, [buffer[i]["item"] for i in idx])
+            groups = group_by_query(row["query"] for row in buffer)
+            results = scorer.score_many([(query, [buffer[i]["item"] for i in idx]) for query, idx in groups.items()])
+            for idx, result in zip(groups.values(), results):
                 for j, i in enumerate(idx):
                     buffer[i].update(
                         score=float(result.scores[j]),

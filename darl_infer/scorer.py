@@ -14,6 +14,7 @@ import torch
 
 from .backends import BACKEND_CHOICES, backend_class, check_backend_options
 from .backends.onnx_format import is_onnx_export
+from .backends.prefix_cache import PrefixLRU
 from .checkpoint import SPEC_FILE, CheckpointSpec, read_spec, resolve_checkpoint
 from .loading import load_checkpoint_model, resolve_device, resolve_dtype
 from .pairs import group_by_query
@@ -32,16 +33,30 @@ class ScoreResult:
         return len(self.scores)
 
 
+def check_prefix_cache_mb(value, backend: str) -> None:
+    """The LRU of recent prefixes lives in the backends that reuse prefixes (`probs_many`)."""
+    check_int(value, "prefix_cache_mb", 0)
+    if value and not hasattr(backend_class(backend), "probs_many"):
+        raise ValueError(
+            f"prefix_cache_mb needs a backend that reuses prefixes (torch or triton); backend {backend!r} keeps none"
+        )
+
+
 class Scorer:
     """Scores (query, item) pairs with a checkpoint; safe to share between threads (each call keeps
-    its own state, the model is only read)."""
+    its own state, the model is only read, the LRU of recent prefixes takes a lock)."""
 
-    def __init__(self, model, tokenizer, spec: CheckpointSpec, backend: str = "torch", **backend_options):
+    def __init__(
+        self, model, tokenizer, spec: CheckpointSpec, backend: str = "torch", prefix_cache_mb: int = 0, **backend_options
+    ):
+        """`prefix_cache_mb`: MiB of recent prefixes' K/V kept between calls (0: none)."""
         check_backend_options(backend, backend_options)
+        check_prefix_cache_mb(prefix_cache_mb, backend)
         self.spec = spec
         self.encoder = spec.template.encoder(tokenizer)
         self.backend = backend_class(backend)(model, **backend_options)
         self.grade_values = torch.tensor(spec.grade_values, dtype=torch.float32)
+        self._prefix_lru = PrefixLRU(prefix_cache_mb * 2**20)
 
     @classmethod
     def from_pretrained(
@@ -51,6 +66,7 @@ class Scorer:
         backend: str = "auto",
         dtype: str | torch.dtype = "auto",
         device: str | torch.device | None = None,
+        prefix_cache_mb: int = 0,
         **backend_options,
     ) -> "Scorer":
         """Load a checkpoint directory; `None` (or "default") loads the embedded default model.
@@ -64,22 +80,26 @@ class Scorer:
         directory = resolve_checkpoint(name_or_path)
         raw = read_spec(directory)
         if is_onnx_export(raw) or backend == "onnx":
-            return cls._from_onnx_export(directory, raw, backend, dtype, device, **backend_options)
+            return cls._from_onnx_export(directory, raw, backend, dtype, device, prefix_cache_mb, **backend_options)
         if backend == "auto":  # the Triton kernels on CUDA when triton imports; never on CPU (interpreter only)
             triton_ok = resolved_device.type == "cuda" and importlib.import_module("darl_infer.kernels._triton").HAS_TRITON
             backend = "triton" if triton_ok else "torch"
         check_backend_options(backend, backend_options)
+        check_prefix_cache_mb(prefix_cache_mb, backend)
         spec = CheckpointSpec.from_dict(raw, directory / SPEC_FILE)
         model, tokenizer = load_checkpoint_model(directory, spec, resolved_dtype, resolved_device)
-        return cls(model, tokenizer, spec, backend=backend, **backend_options)
+        return cls(model, tokenizer, spec, backend=backend, prefix_cache_mb=prefix_cache_mb, **backend_options)
 
     @classmethod
-    def _from_onnx_export(cls, directory: Path, raw: dict, backend: str, dtype, device, **backend_options) -> "Scorer":
+    def _from_onnx_export(
+        cls, directory: Path, raw: dict, backend: str, dtype, device, prefix_cache_mb, **backend_options
+    ) -> "Scorer":
         if backend not in ("auto", "onnx"):
             raise ValueError(f"{directory} is an ONNX export: load it with backend='onnx' (or 'auto'), not {backend!r}")
         if not (dtype in ("auto", "fp32") or dtype == torch.float32):
             raise ValueError(f"an ONNX export runs in the precision it was exported in; dtype must be 'auto' or 'fp32', not {dtype!r}")
         check_backend_options("onnx", backend_options)
+        check_prefix_cache_mb(prefix_cache_mb, "onnx")
         from transformers import AutoTokenizer
 
         from .backends.onnx_format import OnnxExport
@@ -95,18 +115,35 @@ class Scorer:
 
     def score(self, query: str, items) -> ScoreResult:
         """Scores of `items` (any ordered iterable of str, read once; see validate.check_items) for `query`."""
-        enc = self.encoder.encode(query, items)
-        probs = self.backend.probs(enc)
-        return ScoreResult(
-            probs=probs.numpy(),
-            scores=(probs @ self.grade_values).numpy(),
-            grades=probs.argmax(-1).numpy(),
-            truncated=np.array(enc.truncated, dtype=bool),
-            labels=self.labels,
-        )
+        return self.score_many([(query, items)])[0]
 
     def score_many(self, batch) -> list[ScoreResult]:
-        return [self.score(query, items) for query, items in batch]
+        """`score` of each `(query, items)` of `batch`, in order. The torch and triton backends pack
+        them: the queries' prefixes in one forward pass and all their items together, each item
+        attending only to its own query's prefix, in as few passes as the token budget allows (two
+        when everything fits); each result equals that query scored alone. Other backends score
+        one query at a time."""
+        encoded = [self.encoder.encode(query, items) for query, items in batch]  # all checked before any scoring
+        if hasattr(self.backend, "probs_many"):
+            lru = self._prefix_lru if self._prefix_lru.max_bytes else None
+            probs = self.backend.probs_many(encoded, lru)
+        else:
+            probs = [self.backend.probs(enc) for enc in encoded]
+        return [
+            ScoreResult(
+                probs=p.numpy(),
+                scores=(p @ self.grade_values).numpy(),
+                grades=p.argmax(-1).numpy(),
+                truncated=np.array(enc.truncated, dtype=bool),
+                labels=self.labels,
+            )
+            for enc, p in zip(encoded, probs)
+        ]
+
+    def prefix_cache_stats(self) -> dict[str, int]:
+        """The LRU of recent prefixes (`prefix_cache_mb`): hits, misses (prefixes looked up and
+        computed), evictions, entries, bytes held, max_bytes; all 0 when it is off."""
+        return self._prefix_lru.stats()
 
     def rank(self, query: str, items, top_k: int | None = None, return_documents: bool = False) -> list[dict]:
         """Items best first, as `[{"corpus_id", "score", "grade"[, "text"]}]` (CrossEncoder.rank's shape).
@@ -133,6 +170,8 @@ class Scorer:
             check_text(pair[0], f"pairs[{n}][0] (query)")
             check_text(pair[1], f"pairs[{n}][1] (item)")
         scores = np.empty(len(pairs), dtype=np.float32)
-        for query, idx in group_by_query(query for query, _ in pairs).items():
-            scores[idx] = self.score(query, [pairs[n][1] for n in idx]).scores
+        groups = group_by_query(query for query, _ in pairs)
+        results = self.score_many([(query, [pairs[n][1] for n in idx]) for query, idx in groups.items()])
+        for idx, result in zip(groups.values(), results):
+            scores[idx] = result.scores
         return scores

@@ -82,6 +82,10 @@ LOAD_CASES = {
     "unknown-option": ({"budget": 64}, TypeError, r"backend 'torch' has no option 'budget'; its options: \['token_budget'\]"),
     "option-of-another-backend": ({"backend": "reference", "token_budget": 64}, TypeError, r"backend 'reference' has no option 'token_budget'"),
     "backend-unknown": ({"backend": "cuda"}, ValueError, r"unknown backend 'cuda'"),
+    "prefix_cache_mb-negative": ({"prefix_cache_mb": -1}, ValueError, r"prefix_cache_mb must be >= 0, got -1"),
+    "prefix_cache_mb-float": ({"prefix_cache_mb": 0.5}, TypeError, r"prefix_cache_mb must be an int, got float"),
+    "prefix_cache_mb-reference": ({"backend": "reference", "prefix_cache_mb": 8}, ValueError,
+                                  r"prefix_cache_mb needs a backend that reuses prefixes \(torch or triton\); backend 'reference'"),
 }
 
 

@@ -39,6 +39,7 @@ class Gated:
 
     def __init__(self, scorer):
         self.spec, self.encoder, self._scorer = scorer.spec, scorer.encoder, scorer
+        self.prefix_cache_stats = scorer.prefix_cache_stats
         self.open, self.calls, self.fail = threading.Event(), [], set()
 
     def score_many(self, batch):
@@ -245,7 +246,25 @@ def test_concurrent_requests_equal_sequential_and_share_one_prefix_run(scorer, r
     assert sorted(q for q, _ in step) == sorted(queries)
     for query, items in step:
         assert len(items) == len(set(items)) == len({t for b in bodies if b["query"] == query for t in b["texts"]})
-    assert metric(app, "darl_prefix_cache_hits_total") == 6  # 9 requests, 3 prefix runs
+    assert metric(app, "darl_prefix_cache_hits_total", kind="in_flight") == 6  # 9 requests, 3 prefix runs
+    assert metric(app, "darl_prefix_cache_hits_total", kind="lru") == 0  # this scorer keeps no prefix
+
+
+def test_repeated_query_hits_the_prefix_lru(tiny_checkpoints, scorer, rng):
+    """The next page of a query, in a later step, takes its prefix from the Scorer's LRU; the
+    scores are those of a Scorer without one."""
+    cached = Scorer.from_pretrained(tiny_checkpoints["llama"], backend="torch", token_budget=64, prefix_cache_mb=1)
+    app = create_app(cached, Limits(prefix_cache_mb=1))
+    items = ragged_items(rng, 8)
+    pages = [{"query": "w1 w2", "texts": items[:4], "raw_scores": True}, {"query": "w1 w2", "texts": items[4:], "raw_scores": True}]
+    responses = call(app, *(("/rerank", page) for page in pages), ("/rerank", {"query": "w3", "texts": items}))
+    assert all(r.status_code == 200 for r in responses)
+    assert metric(app, "darl_prefix_cache_hits_total", kind="lru") == 1  # the second page
+    assert metric(app, "darl_prefix_cache_hits_total", kind="in_flight") == 0
+    for page, response in zip(pages, responses):
+        ranked = scorer.rank(page["query"], page["texts"])
+        assert [r["index"] for r in response.json()] == [r["corpus_id"] for r in ranked]
+        np.testing.assert_allclose([r["score"] for r in response.json()], [r["score"] for r in ranked], atol=1e-5)
 
 
 def test_token_budget_cuts_steps_in_order_and_same_query_joins(scorer):
@@ -417,22 +436,25 @@ def wait_until_healthy(url: str, proc: subprocess.Popen, timeout: float = 180.0)
 
 def test_real_server_cohere_client_then_sigterm(tiny_checkpoints, scorer, rng, tmp_path):
     """One uvicorn process (its start-up is most of this test's time): the official Cohere client
-    unchanged; then SIGTERM with a request in flight: that request is answered, new connections are
+    unchanged, twice (the second call's prefix from the LRU that --prefix-cache-mb turns on); then SIGTERM with a request in flight: that request is answered, new connections are
     refused meanwhile, and the process exits 0."""
     port, log = free_port(), open(tmp_path / "server.log", "w")
     url = f"http://127.0.0.1:{port}"
     proc = subprocess.Popen(
         [sys.executable, "-m", "darl_infer.serve", "--checkpoint", str(tiny_checkpoints["llama"]), "--backend", "torch",
-         "--port", str(port), "--graceful-timeout", "60"],
+         "--port", str(port), "--graceful-timeout", "60", "--prefix-cache-mb", "1"],
         stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     try:
         wait_until_healthy(url, proc)
         items = ragged_items(rng, 10)
-        response = cohere.ClientV2(base_url=url, api_key="x").rerank(model="tiny", query="w1 w2", documents=items, top_n=4)
+        client = cohere.ClientV2(base_url=url, api_key="x")
         ranked = scorer.rank("w1 w2", items, top_k=4)
-        assert [r.index for r in response.results] == [r["corpus_id"] for r in ranked]
-        np.testing.assert_allclose([r.relevance_score for r in response.results], [r["score"] / 2 for r in ranked], atol=1e-5)
+        for _ in range(2):
+            response = client.rerank(model="tiny", query="w1 w2", documents=items, top_n=4)
+            assert [r.index for r in response.results] == [r["corpus_id"] for r in ranked]
+            np.testing.assert_allclose([r.relevance_score for r in response.results], [r["score"] / 2 for r in ranked], atol=1e-5)
+        assert 'darl_prefix_cache_hits_total{kind="lru"} 1.0' in httpx.get(f"{url}/metrics", timeout=5).text
 
         big = {"query": "w3", "texts": [random_text(rng, 64) for _ in range(1000)]}  # seconds of work here
         with ThreadPoolExecutor(1) as pool:

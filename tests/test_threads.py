@@ -42,3 +42,24 @@ def test_threads_sharing_a_scorer_get_the_sequential_results(tiny_checkpoints, a
     reference = Scorer.from_pretrained(tiny_checkpoints[arch], backend="reference")
     for (query, items), got in zip(jobs, sequential):
         assert np.abs(got - reference.score(query, items).probs).max() <= 1e-5
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_threads_sharing_a_scorer_with_its_prefix_lru(tiny_checkpoints, arch, fast_thread_switching):
+    """Threads hit and fill one LRU at once: `score` gives exactly what a Scorer without LRU gives
+    (one query's prefix runs alone either way), `score_many` the same to the tolerance."""
+    cached = Scorer.from_pretrained(tiny_checkpoints[arch], backend="torch", token_budget=48, prefix_cache_mb=1)
+    plain = Scorer.from_pretrained(tiny_checkpoints[arch], backend="torch", token_budget=48)
+    rng = random.Random(arch)
+    queries = [random_text(rng, rng.randint(1, 8)) for _ in range(4)]  # repeated: hits and misses race
+    jobs = [(rng.choice(queries), ragged_items(rng, rng.randint(1, 6), max_tokens=16)) for _ in range(16)]
+    want = [plain.score(query, items).probs for query, items in jobs]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        got = list(pool.map(lambda job: cached.score(*job).probs, jobs))
+        many = list(pool.map(lambda n: cached.score_many(jobs[n : n + 4]), range(0, len(jobs), 4)))
+    for n, (g, w) in enumerate(zip(got, want)):
+        assert np.array_equal(g, w), f"job {n}: max |Δprob| {np.abs(g - w).max():.3g}"
+    for n, result in enumerate(r for results in many for r in results):
+        assert np.abs(result.probs - want[n]).max() <= 1e-5
+    stats = cached.prefix_cache_stats()
+    assert stats["hits"] > 0 and stats["entries"] == len(set(q for q, _ in jobs))

@@ -70,6 +70,26 @@ def test_triton_backend_launches_the_kernels(scorers, monkeypatch, rng):
     assert len(head) == n_chunks
 
 
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_triton_score_many_packs_queries_and_matches_reference(scorers, monkeypatch, arch, rng):
+    """Several queries in one call: their prefixes in one pass, all their items in another, the
+    attention kernel launched once per query segment of that pass."""
+    batch = [(random_text(rng, 3), ragged_items(rng, 3, max_tokens=12)), ("w9", []),
+             (random_text(rng, 9), ragged_items(rng, 2, max_tokens=12))]
+    scorer = scorers(arch, "triton", token_budget=10**6)
+    attention = count_launches(monkeypatch, shared_prefix_attention._shared_prefix_attention_kernel)
+    head = count_launches(monkeypatch, classification_head._classification_head_kernel)
+    results = scorer.score_many(batch)
+    n_layers = scorer.backend.model.config.num_hidden_layers
+    assert len(head) == 1 and len(attention) == n_layers * (1 + 2)  # prefixes; items: one segment per query
+    reference = scorers(arch, "reference")
+    for (query, items), got in zip(batch, results):
+        if items:
+            assert np.abs(got.probs - reference.score(query, items).probs).max() <= 1e-4
+        else:
+            assert got.probs.shape == (0, 3)
+
+
 def test_threads_sharing_a_triton_scorer_get_the_sequential_results(scorers, rng):
     """Triton launches from several threads at once (the autotuner and the interpreter keep launch
     state on shared objects): every call still gets exactly its sequential result."""

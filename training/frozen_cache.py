@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from darl_infer.atomic import atomic_file
 from darl_infer.backends.attention_hook import active
-from darl_infer.backends.prefix_runner import PrefixRunner, SharedPrefixCache
+from darl_infer.backends.prefix_runner import EMPTY_PREFIX, ItemsPass, PrefixKV, PrefixPass, PrefixRunner
 
 
 @contextlib.contextmanager
@@ -61,35 +61,30 @@ class FrozenSplit:
     def bottom(self, instruction: torch.Tensor, sequences: list[list[int]], pairs_per_pass: int = 32):
         """(instruction states (P, H), [pair states (T_i, H)]) after the frozen layers."""
         with layer_slice(self.decoder, 0, self.split, norm=False):
-            empty = self.runner.prefix(instruction[:0])
-            instruction_states, _ = self.runner.packed(empty, [instruction])
-            cache = self.runner.prefix(instruction)
+            instruction_states, _ = self.runner.packed([(EMPTY_PREFIX, [instruction])])
+            prefix = self.runner.prefix(instruction)
             states = []
             passes = range(0, len(sequences), pairs_per_pass)
             for start in tqdm(passes, desc="frozen-layer states", unit="pass", disable=len(passes) < 10):
                 part = [torch.tensor(s, dtype=torch.long) for s in sequences[start : start + pairs_per_pass]]
-                hidden, cu = self.runner.packed(cache, part)
+                hidden, cu = self.runner.packed([(prefix, part)])
                 states += [hidden[cu[i] : cu[i + 1]].clone() for i in range(len(part))]
         return instruction_states.clone(), states
 
-    def top_prefix(self, instruction_states: torch.Tensor) -> SharedPrefixCache:
-        P = instruction_states.shape[0]
-        cache = SharedPrefixCache(torch.tensor([0, P]), recording=True, length=P, attention_op=self.runner.attention_op)
-        with layer_slice(self.decoder, self.split), active(cache):
-            self.decoder(inputs_embeds=instruction_states[None], position_ids=torch.arange(P)[None], use_cache=False)
-        cache.recording = False
-        return cache
+    def top_prefix(self, instruction_states: torch.Tensor) -> PrefixKV:
+        state = PrefixPass([instruction_states.shape[0]], self.runner.attention_op)
+        with layer_slice(self.decoder, self.split), active(state):
+            self.decoder(inputs_embeds=instruction_states[None], position_ids=state.position_ids[None], use_cache=False)
+        return state.prefixes()[0]
 
-    def top_items(self, cache: SharedPrefixCache, pair_states: list[torch.Tensor]) -> torch.Tensor:
+    def top_items(self, prefix: PrefixKV, pair_states: list[torch.Tensor]) -> torch.Tensor:
         """Final-normed hidden state at each pair's last token, (N, H)."""
-        lengths = torch.tensor([s.shape[0] for s in pair_states])
-        cu = torch.zeros(len(pair_states) + 1, dtype=torch.long)
-        cu[1:] = lengths.cumsum(0)
-        positions = cache.length + torch.arange(int(cu[-1])) - torch.repeat_interleave(cu[:-1], lengths)
-        cache.cu_seqlens = cu
-        with layer_slice(self.decoder, self.split), active(cache):
-            out = self.decoder(inputs_embeds=torch.cat(pair_states)[None], position_ids=positions[None], use_cache=False)
-        return out.last_hidden_state[0][cu[1:] - 1]
+        state = ItemsPass([(prefix, [s.shape[0] for s in pair_states])], self.runner.attention_op)
+        with layer_slice(self.decoder, self.split), active(state):
+            out = self.decoder(
+                inputs_embeds=torch.cat(pair_states)[None], position_ids=state.position_ids[None], use_cache=False
+            )
+        return out.last_hidden_state[0][state.cu_seqlens[1:] - 1]
 
 
 class StateStore:

@@ -1,7 +1,8 @@
-"""Scoring backends: each maps an encoded query (prefix + item suffixes) to grade probabilities.
+"""Scoring backends: each maps an encoded query (prefix + item suffixes) to grade probabilities
+(`probs`), or, where prefixes are reused, several encoded queries at once (`probs_many`).
 
     reference       each pair alone through HF transformers: the oracle
-    torch           the prefix once, the items packed against its one KV copy, fused head
+    torch           each prefix once, the items of all queries packed against their prefix's KV copy, fused head
     triton          the torch backend's flow with the Triton kernels
     onnx            ONNX Runtime on an exported checkpoint (export: onnx_export.py)
 

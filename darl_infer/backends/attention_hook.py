@@ -2,8 +2,8 @@
 
 HF model code runs unchanged; only its attention is swapped. What the attention does in a forward
 pass is decided by that pass's state object, held in a context variable while the pass runs:
-`SharedPrefixCache` (prefix_runner.py: the prefix records each layer's K/V, packed items attend to
-that one copy) or the ONNX export's padded graphs (onnx_export.py). A context variable rather than
+`PrefixPass` / `ItemsPass` (prefix_runner.py: packed prefixes record each layer's K/V, packed
+items attend to their own prefix's copy) or the ONNX export's padded graphs (onnx_export.py). A context variable rather than
 an attribute of the model: each thread (and asyncio task) sees only its own pass, so one model
 serves concurrent calls.
 """

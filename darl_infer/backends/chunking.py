@@ -1,6 +1,9 @@
-"""Cut a query's items into chunks under a token budget: memory stays bounded for any N."""
+"""Cut work under a token budget, so memory stays bounded for any number of queries and items:
+queries into rounds of prefixes, items into chunks."""
 
 from __future__ import annotations
+
+from typing import Sequence
 
 
 def length_sorted_chunks(lengths: list[int], token_budget: int) -> list[list[int]]:
@@ -19,3 +22,25 @@ def length_sorted_chunks(lengths: list[int], token_budget: int) -> list[list[int
     if current:
         chunks.append(current)
     return chunks
+
+
+def prefix_rounds(prefixes: Sequence[Sequence[int]], token_budget: int) -> list[list[int]]:
+    """Query indices in order, cut into rounds whose distinct prefixes hold at most `token_budget`
+    tokens (a longer prefix gets a round of its own; a repeated prefix counts once).
+
+    A round's prefixes run in one forward pass and its items are packed together, so a round's
+    prefix K/V are all that is held at once, however many queries a call brings.
+    """
+    rounds, current, seen, used = [], [], set(), 0
+    for n, prefix in enumerate(prefixes):
+        key = tuple(prefix)
+        if key not in seen and current and used + len(key) > token_budget:
+            rounds.append(current)
+            current, seen, used = [], set(), 0
+        if key not in seen:
+            seen.add(key)
+            used += len(key)
+        current.append(n)
+    if current:
+        rounds.append(current)
+    return rounds

@@ -1,20 +1,26 @@
-"""Run an HF decoder with a shared prefix: the prefix once, then packed items against its KV.
+"""Run an HF decoder with shared prefixes: prefixes packed in one pass, then items packed against
+their own prefix's K/V.
 
-A `SharedPrefixCache` is the state of the attention hook (attention_hook.py) for one query: in
-the prefix pass it records each layer's K/V (keyed by `module.layer_idx`); in the items passes it
-hands that one copy to every item, with `cu_seqlens` telling the items apart inside the packed
-sequence.
+Two pass states for the attention hook (attention_hook.py), one object per forward pass:
+- `PrefixPass`: several prefixes back to back in one row, each causal within itself (positions
+  restart at 0); it records every layer's K/V and cuts them into one `PrefixKV` per prefix.
+- `ItemsPass`: items of one or more prefixes back to back; each segment (consecutive items that
+  continue the same prefix) attends to that prefix's K/V plus its own causal keys, through one
+  call of the attention op per segment, so the op itself only ever sees one prefix.
 
-Thread safety: everything a call changes lives in its own cache object, held in a context
-variable; the shared model is only read. Even skipping the final norm is decided per pass by the
-cache (see `_pre_norm_states`), never by swapping a module of the shared model.
+A `PrefixKV` never changes once built: one copy serves every items pass, thread and the Scorer's
+LRU of recent prefixes (prefix_cache.py). Everything a pass changes lives in its own state
+object, held in a context variable; the shared model is only read. Even skipping the final norm
+is decided per pass (see `_pre_norm_states`), never by swapping a module of the shared model.
 """
 
 from __future__ import annotations
 
 import weakref
-from dataclasses import dataclass, field
-from typing import Callable
+from dataclasses import dataclass
+from itertools import accumulate
+from types import MappingProxyType
+from typing import Callable, Mapping, Sequence
 
 import torch
 
@@ -25,37 +31,109 @@ from .attention_hook import active, current, use_attention_hook
 AttentionOp = Callable[..., torch.Tensor]
 
 
-@dataclass
-class SharedPrefixCache:
-    cu_seqlens: torch.Tensor
-    recording: bool
+@dataclass(frozen=True, eq=False)  # eq=False: hashed by identity, so a pass can group items by their prefix
+class PrefixKV:
+    """One prefix's keys and values at every attention layer, (P, Hkv, D) each, keyed by `layer_idx`."""
+
     length: int
-    attention_op: AttentionOp = shared_prefix_attention_reference
-    layers: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
-    final_norm: bool = True  # False: the passes return the hidden states before the decoder's final norm
+    layers: Mapping[int, tuple[torch.Tensor, torch.Tensor]]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for kv in self.layers.values() for t in kv)
+
+    def at(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """K/V at `layer`; an empty prefix has none, so it gives `k`, `v` (the pass's own) cut to 0 rows."""
+        return self.layers[layer] if self.length else (k[:0], v[:0])
+
+
+EMPTY_PREFIX = PrefixKV(0, MappingProxyType({}))
+
+
+def _rows(query, key, value) -> tuple[torch.Tensor, ...]:
+    """HF's (1, heads, T, D) tensors of one packed row as (T, heads, D) views."""
+    if query.shape[0] != 1:
+        raise ValueError("shared-prefix attention expects one packed row (batch size 1)")
+    return tuple(x[0].transpose(0, 1) for x in (query, key, value))
+
+
+def _offsets(lengths: Sequence[int], device) -> torch.Tensor:
+    """cu_seqlens: where each of the sequences packed back to back starts, and the total."""
+    return torch.tensor([0, *accumulate(lengths)], dtype=torch.long, device=device)
+
+
+def _positions(lengths: Sequence[int], firsts: Sequence[int], device) -> torch.Tensor:
+    """Position ids of sequences packed back to back; sequence i starts at position firsts[i]."""
+    lengths_t = torch.tensor(lengths, dtype=torch.long, device=device)
+    starts = _offsets(lengths, device)[:-1] - torch.tensor(firsts, dtype=torch.long, device=device)
+    return torch.arange(sum(lengths), device=device) - torch.repeat_interleave(starts, lengths_t)
+
+
+class PrefixPass:
+    """Prefixes of `lengths` tokens packed in one row, each causal within itself: records every
+    layer's K/V. Attending with an empty prefix K/V and the prefixes as the op's "items" gives
+    exactly each prefix's own causal attention."""
+
+    def __init__(self, lengths: Sequence[int], attention_op: AttentionOp, final_norm: bool = True, device=None):
+        self.attention_op, self.final_norm = attention_op, final_norm
+        self.cu_seqlens = _offsets(lengths, device)
+        self.position_ids = _positions(lengths, [0] * len(lengths), device)
+        self._recorded: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def attend(self, layer, query, key, value, scale, sliding_window):
-        if query.shape[0] != 1:
-            raise ValueError("shared-prefix attention expects one packed row (batch size 1)")
-        q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # (T, heads, D)
-        if self.recording:
-            prefix_k, prefix_v = k[:0], v[:0]
-            self.layers[layer] = (k, v)
-        elif self.length == 0:
-            prefix_k, prefix_v = k[:0], v[:0]
-        else:
-            prefix_k, prefix_v = self.layers[layer]
-        out = self.attention_op(q, k, v, prefix_k, prefix_v, self.cu_seqlens, scale, sliding_window)
-        return out.unsqueeze(0)  # (1, T, H, D), as HF's attention functions return
+        q, k, v = _rows(query, key, value)
+        self._recorded[layer] = (k, v)
+        return self.attention_op(q, k, v, k[:0], v[:0], self.cu_seqlens, scale, sliding_window).unsqueeze(0)
+
+    def prefixes(self) -> list[PrefixKV]:
+        """One PrefixKV per prefix, after the pass. Each slice is copied so that it owns exactly its
+        bytes: a view would keep the whole packed row's K/V alive (in the LRU, say) and its size
+        would not be what the LRU counts."""
+        cu = self.cu_seqlens.tolist()
+        return [
+            PrefixKV(stop - start, MappingProxyType({
+                layer: (k[start:stop].clone(), v[start:stop].clone()) for layer, (k, v) in self._recorded.items()
+            }))
+            for start, stop in zip(cu[:-1], cu[1:])
+        ]
+
+
+class ItemsPass:
+    """Items packed in one row, grouped by prefix: `groups` is [(prefix, its items' lengths)], in
+    row order. Item tokens take positions from their prefix's length on; each group (segment)
+    attends to its own prefix's K/V and its own causal keys."""
+
+    def __init__(
+        self, groups: Sequence[tuple[PrefixKV, Sequence[int]]], attention_op: AttentionOp, final_norm: bool = True,
+        device=None,
+    ):
+        self.attention_op, self.final_norm = attention_op, final_norm
+        lengths = [n for _, group in groups for n in group]
+        self.cu_seqlens = _offsets(lengths, device)  # all items: item i ends at row cu_seqlens[i + 1] - 1
+        self.position_ids = _positions(lengths, [prefix.length for prefix, group in groups for _ in group], device)
+        self.segments = []  # (prefix, first row, end row, its items' offsets from its first row)
+        start = 0
+        for prefix, group in groups:
+            self.segments.append((prefix, start, start + sum(group), _offsets(group, device)))
+            start += sum(group)
+
+    def attend(self, layer, query, key, value, scale, sliding_window):
+        q, k, v = _rows(query, key, value)
+        out = []
+        for prefix, start, stop, cu in self.segments:
+            prefix_k, prefix_v = prefix.at(layer, k, v)
+            rows = slice(start, stop)
+            out.append(self.attention_op(q[rows], k[rows], v[rows], prefix_k, prefix_v, cu, scale, sliding_window))
+        return (out[0] if len(out) == 1 else torch.cat(out)).unsqueeze(0)  # (1, T, H, D), as HF's attention returns
 
 
 def _pre_norm_states(norm: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-    """Forward hook on a decoder's final norm: in a pass whose cache asks for pre-norm states, the
+    """Forward hook on a decoder's final norm: in a pass whose state asks for pre-norm states, the
     norm's input replaces its output. The norm still runs (an elementwise op on the packed tokens,
     small beside one layer's matmuls), but nothing shared changes: the choice comes from this
     thread's pass, so concurrent calls, and other users of the model, are unaffected."""
     state = current()
-    if isinstance(state, SharedPrefixCache) and not state.final_norm:
+    if isinstance(state, (PrefixPass, ItemsPass)) and not state.final_norm:
         return args[0]
     return output
 
@@ -64,7 +142,7 @@ _norms_hooked: weakref.WeakSet[torch.nn.Module] = weakref.WeakSet()
 
 
 class PrefixRunner:
-    """Hidden states of packed items that all continue one prefix.
+    """Prefix K/V and hidden states of packed items that continue them.
 
     `decoder` is the HF base model (e.g. `LlamaModel`), switched to the attention hook.
     `final_norm=False` returns the states before the decoder's final norm: a fused head applies it
@@ -84,38 +162,34 @@ class PrefixRunner:
             decoder.norm.register_forward_hook(_pre_norm_states)
             _norms_hooked.add(decoder.norm)
 
-    def prefix(self, prefix_ids: torch.Tensor) -> SharedPrefixCache:
-        """Run the prefix (1-D ids) once; the returned cache holds every layer's K/V."""
-        P = prefix_ids.numel()
-        cu = torch.tensor([0, P], device=prefix_ids.device)
-        cache = SharedPrefixCache(
-            cu, recording=P > 0, length=P, attention_op=self.attention_op, final_norm=self.final_norm
+    def prefixes(self, prefix_ids: Sequence[torch.Tensor]) -> list[PrefixKV]:
+        """Run the prefixes (1-D ids each) packed in one forward pass; one PrefixKV each."""
+        nonempty = [ids for ids in prefix_ids if ids.numel()]
+        if not nonempty:
+            return [EMPTY_PREFIX] * len(prefix_ids)
+        state = PrefixPass([ids.numel() for ids in nonempty], self.attention_op, self.final_norm, nonempty[0].device)
+        with active(state):
+            self.decoder(input_ids=torch.cat(nonempty)[None], position_ids=state.position_ids[None], use_cache=False)
+        computed = iter(state.prefixes())
+        return [next(computed) if ids.numel() else EMPTY_PREFIX for ids in prefix_ids]
+
+    def prefix(self, prefix_ids: torch.Tensor) -> PrefixKV:
+        return self.prefixes([prefix_ids])[0]
+
+    def packed(self, groups: Sequence[tuple[PrefixKV, Sequence[torch.Tensor]]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Hidden states of the items of every (prefix, item ids) group packed back to back, in
+        order, (T, hidden), and the items' offsets `cu_seqlens` (N+1): item i ends at row
+        cu_seqlens[i + 1] - 1."""
+        item_ids = [ids for _, group in groups for ids in group]
+        state = ItemsPass(
+            [(prefix, [ids.numel() for ids in group]) for prefix, group in groups], self.attention_op, self.final_norm,
+            item_ids[0].device,
         )
-        if P == 0:
-            return cache
-        with active(cache):
-            self.decoder(
-                input_ids=prefix_ids[None], position_ids=torch.arange(P, device=prefix_ids.device)[None], use_cache=False
-            )
-        cache.recording = False
-        return cache
+        with active(state):
+            out = self.decoder(input_ids=torch.cat(item_ids)[None], position_ids=state.position_ids[None], use_cache=False)
+        return out.last_hidden_state[0], state.cu_seqlens
 
-    def packed(self, cache: SharedPrefixCache, item_ids: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Hidden states of all item tokens packed back to back, (T, hidden), and the items'
-        offsets `cu_seqlens` (N+1): item i ends at row cu_seqlens[i + 1] - 1."""
-        P = cache.length
-        device = item_ids[0].device
-        lengths = torch.tensor([t.numel() for t in item_ids], device=device)
-        cu = torch.zeros(len(item_ids) + 1, dtype=torch.long, device=device)
-        cu[1:] = lengths.cumsum(0)
-        packed = torch.cat(item_ids)
-        positions = P + torch.arange(packed.numel(), device=device) - torch.repeat_interleave(cu[:-1], lengths)
-        cache.cu_seqlens = cu
-        with active(cache):
-            out = self.decoder(input_ids=packed[None], position_ids=positions[None], use_cache=False)
-        return out.last_hidden_state[0], cu
-
-    def items(self, cache: SharedPrefixCache, item_ids: list[torch.Tensor]) -> torch.Tensor:
-        """Hidden state at the last token of each item, (N, hidden)."""
-        hidden, cu = self.packed(cache, item_ids)
+    def items(self, prefix: PrefixKV, item_ids: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Hidden state at the last token of each item of one prefix, (N, hidden)."""
+        hidden, cu = self.packed([(prefix, item_ids)])
         return hidden[cu[1:] - 1]

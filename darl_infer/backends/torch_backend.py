@@ -1,9 +1,16 @@
-"""The `torch` backend: the prefix once, the items packed against its one KV copy, then the fused
-classification head (final norm on the N last tokens only, projection, softmax)."""
+"""The `torch` backend: each prefix once, the items packed against their own prefix's KV copy,
+then the fused classification head (final norm on the N last tokens only, projection, softmax).
+
+Several queries at once (`probs_many`): the queries are taken in rounds whose distinct prefixes
+fit the token budget; a round's prefixes not found in the LRU of recent prefixes run packed in
+one forward pass, then all its queries' items run packed together in length-sorted chunks under
+the budget, each item attending only to its own query's prefix K/V (prefix_runner.ItemsPass).
+"""
 
 from __future__ import annotations
 
 import importlib
+from itertools import accumulate
 
 import torch
 
@@ -11,8 +18,9 @@ from darl_infer.kernels.classification_head import classification_head_reference
 from darl_infer.kernels.shared_prefix_attention import shared_prefix_attention_reference
 
 from ..template import Encoded
-from .chunking import length_sorted_chunks
-from .prefix_runner import PrefixRunner
+from .chunking import length_sorted_chunks, prefix_rounds
+from .prefix_cache import PrefixLRU
+from .prefix_runner import PrefixKV, PrefixRunner
 
 # final-norm classes whose math the fused head reproduces: class -> (norm variant, eps attribute)
 _KNOWN_FINAL_NORMS = {
@@ -49,7 +57,8 @@ class TorchBackend:
     head_op = staticmethod(classification_head_reference)
 
     def __init__(self, model, token_budget: int = 2048):
-        """`token_budget`: item tokens per forward pass (options are checked by the Scorer)."""
+        """`token_budget`: tokens per forward pass: the items of one pass, the distinct prefixes of
+        one prefix pass (a longer item or prefix runs alone); options are checked by the Scorer."""
         if getattr(model.score, "bias", None) is not None:
             raise NotImplementedError("a classification head with a bias is not supported; use backend='reference'")
         self.model = model
@@ -71,13 +80,47 @@ class TorchBackend:
         )
         return probs
 
+    def _prefixes(self, prefixes: list[list[int]], lru: PrefixLRU | None) -> list[PrefixKV]:
+        """Each prefix's K/V, aligned with `prefixes`: from the LRU when it has them, the others
+        run packed in one forward pass (a prefix that repeats in `prefixes` runs once)."""
+        keys = [(tuple(p), self.model.dtype, self.device) for p in prefixes]
+        found = {}
+        for key in dict.fromkeys(keys):
+            if lru is not None and (kv := lru.get(key)) is not None:
+                found[key] = kv
+        missing = [key for key in dict.fromkeys(keys) if key not in found]
+        if missing:
+            computed = self.runner.prefixes([torch.tensor(ids, device=self.device) for ids, _, _ in missing])
+            for key, kv in zip(missing, computed):
+                found[key] = kv
+                if lru is not None:
+                    lru.put(key, kv)
+        return [found[key] for key in keys]
+
     @torch.inference_mode()
-    def probs(self, enc: Encoded) -> torch.Tensor:
-        out = torch.empty(len(enc.suffixes), self.model.config.num_labels)
-        if not enc.suffixes:
-            return out
-        cache = self.runner.prefix(torch.tensor(enc.prefix, device=self.device))
-        for chunk in length_sorted_chunks([len(s) for s in enc.suffixes], self.token_budget):
-            ids = [torch.tensor(enc.suffixes[i], device=self.device) for i in chunk]
-            out[chunk] = self.head(*self.runner.packed(cache, ids)).cpu()
-        return out
+    def probs_many(self, encoded: list[Encoded], lru: PrefixLRU | None = None) -> list[torch.Tensor]:
+        """Grade probabilities (N_q, K) of each encoded query's items; `lru`: recent prefixes to
+        reuse and to keep (None: none)."""
+        sizes = [len(enc.suffixes) for enc in encoded]
+        first_row = list(accumulate([0, *sizes]))  # each query's rows in `probs`, all queries back to back
+        probs = torch.empty(first_row[-1], self.model.config.num_labels)
+        queries = [n for n, size in enumerate(sizes) if size]  # a query without items needs no prefix
+        for round_ in prefix_rounds([encoded[n].prefix for n in queries], self.token_budget):
+            in_round = [queries[i] for i in round_]
+            prefix_kv = self._prefixes([encoded[n].prefix for n in in_round], lru)
+            items = [  # (its prefix, its row in `probs`, its ids)
+                (kv, first_row[n] + i, ids)
+                for n, kv in zip(in_round, prefix_kv)
+                for i, ids in enumerate(encoded[n].suffixes)
+            ]
+            for chunk in length_sorted_chunks([len(ids) for _, _, ids in items], self.token_budget):
+                by_prefix: dict[PrefixKV, list[tuple[int, list[int]]]] = {}  # each prefix's items contiguous in the row
+                for j in chunk:
+                    kv, row, ids = items[j]
+                    by_prefix.setdefault(kv, []).append((row, ids))
+                groups = [
+                    (kv, [torch.tensor(ids, device=self.device) for _, ids in members]) for kv, members in by_prefix.items()
+                ]
+                rows = [row for members in by_prefix.values() for row, _ in members]
+                probs[rows] = self.head(*self.runner.packed(groups)).cpu()
+        return list(probs.split(sizes))

@@ -1,7 +1,8 @@
 """The FastAPI app: TEI's `POST /rerank`, Cohere's `POST /v2/rerank` (and the Jina-style
 `POST /v1/rerank`), `GET /health`, `GET /info`, `GET /metrics`.
 
-`create_app` takes any object with the Scorer's public API (`spec`, `encoder`, `score_many`), so
+`create_app` takes any object with the Scorer's public API (`spec`, `encoder`, `score_many`,
+`prefix_cache_stats`), so
 the service scores exactly what `Scorer.score` / `Scorer.rank` would: the same encoder, the same
 backend, the same order (stable on ties).
 """

@@ -14,10 +14,6 @@ from pathlib import Path
 from .limits import Limits
 
 EXTRA_HINT = "darl-infer serve needs the 'serve' extra: pip install 'darl-infer[serve]' (fastapi, uvicorn, prometheus-client)"
-PREFIX_CACHE_NOTE = (
-    "--prefix-cache-mb has no effect yet: the Scorer's public API keeps no prefix between calls, so "
-    "only requests of the same query in one scoring step share a prefix run"
-)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -34,7 +30,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="requests in flight; more is 429 with Retry-After")
     p.add_argument("--max-batch-tokens", type=int, default=d.max_batch_tokens,
                    help="tokens (each query's prefix once + items) the worker scores in one step")
-    p.add_argument("--prefix-cache-mb", type=int, default=d.prefix_cache_mb, help="recent-prefix LRU budget (no effect yet)")
+    p.add_argument("--prefix-cache-mb", type=int, default=d.prefix_cache_mb,
+                   help="MiB of recent prefixes' K/V kept for repeated queries (torch and triton backends; 0: none)")
     p.add_argument("--graceful-timeout", type=int, default=30, help="seconds to finish in-flight requests after SIGTERM")
 
 
@@ -55,12 +52,13 @@ def run(args: argparse.Namespace) -> int:
             max_concurrent_requests=args.max_concurrent_requests, max_batch_tokens=args.max_batch_tokens,
             prefix_cache_mb=args.prefix_cache_mb,
         )
-        scorer = Scorer.from_pretrained(args.checkpoint, backend=args.backend, dtype=args.dtype)
-    except (ValueError, OSError) as e:  # bad flag values, an unknown backend, a broken checkpoint
+        scorer = Scorer.from_pretrained(
+            args.checkpoint, backend=args.backend, dtype=args.dtype, prefix_cache_mb=limits.prefix_cache_mb
+        )
+    # bad flag values (a prefix cache for a backend that keeps none), an unknown backend, a broken checkpoint
+    except (ValueError, OSError) as e:
         raise SystemExit(f"darl-infer serve: {e}") from None
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if limits.prefix_cache_mb:
-        logging.getLogger("darl_infer.serve").warning(PREFIX_CACHE_NOTE)
     checkpoint = str(args.checkpoint or "default")
     info = {"checkpoint": checkpoint, "backend": args.backend, "dtype": args.dtype}  # as requested: "auto" stays "auto"
     model_id = args.model_id or (Path(args.checkpoint).name if args.checkpoint else "darl-default")

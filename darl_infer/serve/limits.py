@@ -13,7 +13,7 @@ class Limits:
     payload_limit: int = 2_000_000        # request body bytes; more is 413
     max_concurrent_requests: int = 512    # requests admitted and not yet answered; more is 429
     max_batch_tokens: int = 8192          # tokens (each prefix once + items) per scoring step
-    prefix_cache_mb: int = 0              # recent-prefix LRU budget: accepted, no effect yet (see cli.py)
+    prefix_cache_mb: int = 0              # MiB of recent prefixes' K/V the Scorer keeps (its LRU); 0: none
 
     def __post_init__(self):
         for name, value in asdict(self).items():

@@ -33,9 +33,13 @@ class Metrics:
         self.batch_tokens = Histogram("darl_batch_tokens", "Tokens in one step: each prefix once + items", buckets=TOKENS, registry=r)
         self.batch_requests = Histogram("darl_batch_requests", "Requests served by one step", buckets=ITEMS, registry=r)
         self.prefix_hits = Counter(
-            "darl_prefix_cache_hits", "Requests whose query's prefix run was shared with another request of the same step",
-            registry=r,
+            "darl_prefix_cache_hits",
+            "Prefix runs saved. kind=lru: a step's query whose prefix K/V came from the Scorer's LRU of recent "
+            "prefixes (--prefix-cache-mb); kind=in_flight: a request that joined another request of the same query "
+            "in its step", ["kind"], registry=r,
         )
+        for kind in ("lru", "in_flight"):  # both series from the start, at 0
+            self.prefix_hits.labels(kind=kind)
         self.in_flight = Gauge("darl_requests_in_flight", "Requests admitted and not yet answered", registry=r)
         self.queued = Gauge("darl_queue_requests", "Requests waiting for the model worker", registry=r)
 

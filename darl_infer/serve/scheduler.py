@@ -5,7 +5,8 @@ worker takes the queue's head and every following request that fits `max_batch_t
 request larger than the budget goes alone), then keeps scanning only for requests whose query is
 already in the step, which add no prefix. FIFO otherwise, so a large request is never starved.
 The step is one `Scorer.score_many` call; when it fails, its requests fail and the worker goes on.
-Only this thread touches the model, so the Scorer needs no lock.
+Only this thread touches the model, so the Scorer needs no lock, and the change of the Scorer's
+prefix-LRU hit count across a step is that step's own.
 """
 
 from __future__ import annotations
@@ -103,7 +104,8 @@ class Scheduler:
         m.batch_items.observe(plan.items)
         m.batch_tokens.observe(plan.tokens)
         m.batch_requests.observe(len(jobs))
-        m.prefix_hits.inc(plan.shared)
+        m.prefix_hits.labels(kind="in_flight").inc(plan.shared)
+        lru_hits = self._scorer.prefix_cache_stats()["hits"]
         try:
             results = plan.split(self._scorer.score_many(plan.batch()))
         except Exception as exc:  # any failure of the forward pass fails this step only
@@ -115,6 +117,7 @@ class Scheduler:
                 _settle(job.future, result, None)
         finally:
             m.inference_duration.observe(time.perf_counter() - start)
+            m.prefix_hits.labels(kind="lru").inc(self._scorer.prefix_cache_stats()["hits"] - lru_hits)
 
 
 def _settle(future: asyncio.Future, result, exc: BaseException | None) -> None:
