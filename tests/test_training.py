@@ -322,3 +322,13 @@ def test_hard_negatives_need_a_stage_to_mine_with(base, data, tmp_path):
     cfg = config(base, data, tmp_path / "out", negatives={"ratio": 0.5, "kind": "hard"})
     with pytest.raises(ValueError, match="two stages"):
         train(cfg)
+
+
+def test_a_stage_of_zero_steps_only_prepares_and_evaluates(base, data, tmp_path):
+    """steps 0 (e.g. to fill the frozen-layer cache ahead of a long run) trains nothing and still
+    writes an evaluated checkpoint."""
+    cfg = config(base, data, tmp_path / "out", stages=[{"name": "id", "data": "id", "steps": 0}],
+                 frozen_cache=str(tmp_path / "cache"))
+    spec = json.loads((train(cfg) / "darl.json").read_text())
+    assert spec["training"]["steps"] == 0 and spec["evaluation"][str(data["dev"])]["n"] == 48
+    assert any((tmp_path / "cache").rglob("*.pt"))

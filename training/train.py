@@ -299,7 +299,7 @@ def train(config: TrainConfig) -> Path:
         warmup = config.warmup_steps if stage.warmup_steps is None else stage.warmup_steps
         optimizer = torch.optim.AdamW(params, lr=stage.lr or config.lr, weight_decay=config.weight_decay)
         schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda i: min(1.0, (i + 1) / max(1, warmup)) * max(0.0, 1 - i / total)
+            optimizer, lambda i: min(1.0, (i + 1) / max(1, warmup)) * max(0.0, 1 - i / max(1, total))
         )
         stage_started, stage_steps = time.time(), 0
         for batch in batches:
