@@ -400,7 +400,7 @@ def test_disconnected_client_is_dropped_before_scoring(scorer):
 
 
 def test_serve_names_the_missing_extra(monkeypatch):
-    from darl_infer.serve import serve_main
+    from darl_infer.serve.cli import serve_main
 
     monkeypatch.setitem(sys.modules, "uvicorn", None)  # an import of it now raises ImportError
     with pytest.raises(SystemExit, match=r"pip install 'darl-infer\[serve\]'"):

@@ -6,7 +6,3 @@ one `Scorer.score_many` call. FastAPI, uvicorn and prometheus-client come with t
 this package imports them only where it needs them, so `darl-infer serve` can say which extra is
 missing.
 """
-
-from .cli import serve_main
-
-__all__ = ["serve_main"]
