@@ -14,7 +14,7 @@ cross-encoders of RocketQA). Two kinds:
 
 Both are guarded against false negatives: an item that shares a word (Latin script, lower-cased,
 stop words aside) or, for Chinese, a character bigram with the query is never used. The same
-draw (`foreign_items`) gives the `easy_negatives` evaluation its foreign items.
+draw (`ForeignItems`) gives the `easy_negatives` evaluation its foreign items.
 """
 
 from __future__ import annotations
