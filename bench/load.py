@@ -62,6 +62,10 @@ def workload(path: Path, n: int, seed: int) -> list[dict]:
     return [{"query": rng.choice(queries), "texts": rng.sample(titles, rng.randint(20, 100)), "raw_scores": True} for _ in range(n)]
 
 
+def cpu_model() -> str:
+    return next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), platform.machine())
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -194,7 +198,7 @@ def report(args, result: dict) -> str:
     darl, peer = result["darl"], result["peer"]
     lines = [
         f"Load test, {time.strftime('%Y-%m-%d')}: checkpoint {args.checkpoint or 'default'}, dtype {args.dtype}, "
-        f"{platform.processor() or platform.machine()} x{os.cpu_count()}, torch {torch.__version__}, "
+        f"{cpu_model()} x{os.cpu_count()}, torch {torch.__version__}, "
         f"{'CUDA ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU'}. "
         f"`{' '.join(sys.argv)}`",
         "",
