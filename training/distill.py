@@ -159,7 +159,7 @@ def distill(config: DistillConfig):
         "config": asdict(config),
         "loss": loss_cfg.to_dict(),
         "distill": {
-            "teacher": str(teacher_dir), "teacher_base_model": teacher_spec.base_model,
+            "teacher": config.teacher or "default", "teacher_base_model": teacher_spec.base_model,
             "temperature": config.temperature, "kl_weight": config.kl_weight, "ce_weight": config.ce_weight,
             "labelled_pairs": len(labelled), "unlabeled_pairs": len(unlabeled),
             "teacher_seconds": round(teacher_seconds, 1),
