@@ -42,7 +42,7 @@ def score_pairs(scorer, pairs: list[tuple[str, str]]) -> np.ndarray:
     """(N, K) probabilities of `pairs` in input order."""
     probs = np.empty((len(pairs), len(scorer.labels)), dtype=np.float32)
     groups = list(group_by_query(q for q, _ in pairs).items())
-    with tqdm(total=len(pairs), desc="teacher", unit="pair", disable=len(pairs) < 1000) as bar:
+    with tqdm(total=len(pairs), desc="scoring pairs", unit="pair", disable=len(pairs) < 1000) as bar:
         start = 0
         while start < len(groups):
             chunk, size = [], 0
