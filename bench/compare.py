@@ -137,6 +137,8 @@ def versions() -> str:
 
 
 def optimum_versions(python: str) -> str:
+    if not Path(python).is_file():  # the optimum row is optional: its venv is often absent
+        return f"absent ({python})"
     code = "import importlib.metadata as m; print(', '.join(f'{n} {m.version(n)}' for n in ['optimum-onnx', 'optimum', 'transformers', 'onnxruntime', 'torch']))"
     done = subprocess.run([python, "-c", code], capture_output=True, text=True)
     return done.stdout.strip() if done.returncode == 0 else "n/a"

@@ -2,6 +2,10 @@
 
 Each GGUF file is converted once into an HF folder in the cache (float weights, safetensors) and
 loaded from there afterwards: seconds instead of the ~100 s a GGUF load takes.
+
+`NAME@L` names the bottom L decoder layers of NAME (a registered name or a local folder): a small
+student that shares its teacher's tokenizer and embeddings (`darl-distill`). It loads from NAME's
+folder; only the first L layers' weights are read.
 """
 
 from __future__ import annotations
@@ -51,8 +55,20 @@ def _gguf_path(name: str) -> Path:
     return path
 
 
+def split_layers(name_or_path: str) -> tuple[str, int | None]:
+    """("NAME", L) for "NAME@L"; (name, None) without a layer count."""
+    name, sep, layers = name_or_path.rpartition("@")
+    if not sep:
+        return name_or_path, None
+    if not (layers.isdigit() and int(layers) >= 1):
+        raise BaseModelMissing(f"base model {name_or_path!r}: '@' must be followed by a layer count >= 1 (NAME@L)")
+    return name, int(layers)
+
+
 def base_model_dir(name_or_path: str) -> Path:
-    """HF folder of a base model: a registered name (converted on first use) or a local folder."""
+    """HF folder of a base model: a registered name (converted on first use) or a local folder.
+    For "NAME@L", NAME's folder (the layer count is applied when the model loads)."""
+    name_or_path, _ = split_layers(name_or_path)
     if name_or_path not in BASE_MODELS:
         path = Path(name_or_path)
         if not (path / "config.json").is_file():

@@ -17,6 +17,7 @@ from pathlib import Path
 from .atomic import atomic_file
 from .backends import BACKEND_CHOICES
 from .base_models import BaseModelMissing
+from .cascade import CascadeScorer, keep_value
 from .checkpoint import CheckpointError, resolve_checkpoint
 from .jsonl import DataError, iter_lines, iter_rows
 from .pairs import group_by_query
@@ -47,10 +48,27 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", default=None, help="checkpoint directory (default: the embedded default model)")
     p.add_argument("--backend", default="auto", choices=BACKEND_CHOICES)
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    p.add_argument("--cascade", default=None, metavar="COARSE",
+                   help="a fast checkpoint (e.g. default-student) that grades every item first; --checkpoint re-grades the --keep best")
+    p.add_argument("--keep", type=keep_value, default=None,
+                   help="with --cascade: each query's best items re-graded, a fraction in (0, 1] or a count (default 0.2)")
 
 
-def _load(args) -> Scorer:
-    return Scorer.from_pretrained(args.checkpoint, backend=args.backend, dtype=args.dtype)
+def _check_checkpoints(args) -> None:
+    """Name a missing checkpoint directory before any model loads."""
+    resolve_checkpoint(args.checkpoint)
+    if args.cascade is not None:
+        resolve_checkpoint(args.cascade)
+    elif args.keep is not None:
+        raise DataError("--keep needs --cascade (the coarse model whose best items are kept)")
+
+
+def _load(args) -> Scorer | CascadeScorer:
+    scorer = Scorer.from_pretrained(args.checkpoint, backend=args.backend, dtype=args.dtype)
+    if args.cascade is None:
+        return scorer
+    coarse = Scorer.from_pretrained(args.cascade, backend=args.backend, dtype=args.dtype)
+    return Scorer.cascade(coarse, scorer, 0.2 if args.keep is None else args.keep)
 
 
 def _read_items(source: str) -> list[str]:
@@ -61,15 +79,17 @@ def cmd_rank(args) -> int:
     if not args.query.strip():
         raise DataError("--query: query is empty")
     items = _read_items(args.items)
-    resolve_checkpoint(args.checkpoint)
+    _check_checkpoints(args)
     scorer = _load(args)
     result = scorer.score(args.query, items)
     ranked = scorer.rank(args.query, items, top_k=args.top_k)
-    print(f"{'#':>3}  {'grade':<12} {'score':>6}  item")
+    by = "" if result.graded_by is None else f"{'graded by':<10} "
+    print(f"{'#':>3}  {'grade':<12} {'score':>6}  {by}item")
     for n, row in enumerate(ranked, start=1):
         i = row["corpus_id"]
         mark = " [truncated]" if result.truncated[i] else ""
-        print(f"{n:>3}  {scorer.labels[row['grade']]:<12} {row['score']:6.3f}  {items[i]}{mark}")
+        by = "" if result.graded_by is None else f"{row['graded_by']:<10} "
+        print(f"{n:>3}  {scorer.labels[row['grade']]:<12} {row['score']:6.3f}  {by}{items[i]}{mark}")
     return 0
 
 
@@ -95,7 +115,7 @@ def cmd_score(args) -> int:
     loads (stdin can be read once only: its lines are checked as they are scored).
     """
     _check_output(args.input, args.output)
-    resolve_checkpoint(args.checkpoint)
+    _check_checkpoints(args)
     if args.input != "-":
         for _ in iter_rows(args.input):
             pass
@@ -114,6 +134,8 @@ def cmd_score(args) -> int:
                         probs=[float(p) for p in result.probs[j]],
                         truncated=bool(result.truncated[j]),
                     )
+                    if result.graded_by is not None:
+                        buffer[i]["graded_by"] = str(result.graded_by[j])
             for row in buffer:
                 out.write(json.dumps(row, ensure_ascii=False) + "\n")
     return 0

@@ -7,10 +7,10 @@ import warnings
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
-from .base_models import base_model_dir
+from .base_models import BaseModelMissing, base_model_dir, split_layers
 from .checkpoint import CheckpointError, CheckpointSpec, check_tokenizer, check_weights, safetensors_weights
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -47,32 +47,45 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype
     )
 
 
-def load_sequence_classifier(path: str | Path, num_labels: int, dtype: torch.dtype):
-    """An HF folder as a K-grade sequence classifier; safetensors only, never a pickle."""
+def load_sequence_classifier(path: str | Path, num_labels: int, dtype: torch.dtype, num_layers: int | None = None):
+    """An HF folder as a K-grade sequence classifier; safetensors only, never a pickle.
+    `num_layers`: keep only the bottom decoder layers (the others' weights are not loaded)."""
     safetensors_weights(Path(path))
+    config = AutoConfig.from_pretrained(str(path), num_labels=num_labels)
+    if num_layers is not None:
+        if num_layers > config.num_hidden_layers:
+            raise BaseModelMissing(f"{path}: has {config.num_hidden_layers} layers, {num_layers} were asked for")
+        config.num_hidden_layers = num_layers
+        if getattr(config, "layer_types", None) is not None:  # HF models index it by layer position
+            config.layer_types = config.layer_types[:num_layers]
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # a causal-LM base has no score head yet: that warning is expected
     try:
-        return AutoModelForSequenceClassification.from_pretrained(
-            str(path), num_labels=num_labels, dtype=dtype, use_safetensors=True
-        )
+        return AutoModelForSequenceClassification.from_pretrained(str(path), config=config, dtype=dtype, use_safetensors=True)
     finally:
         hf_logging.set_verbosity(verbosity)
+
+
+def load_base_classifier(base_model: str, num_labels: int, dtype: torch.dtype):
+    """A base model ("NAME" or "NAME@L", see base_models.py) as a K-grade classifier with a new head."""
+    return load_sequence_classifier(base_model_dir(base_model), num_labels, dtype, split_layers(base_model)[1])
 
 
 def load_checkpoint_model(directory: Path, spec: CheckpointSpec, dtype: torch.dtype, device: torch.device):
     """(model, tokenizer) of a checkpoint whose darl.json is `spec`; every file is checked first."""
     check_weights(directory, spec)
     if spec.base_model is None:
-        weights_dir = tokenizer_dir = directory
+        tokenizer_dir = directory
     else:
-        weights_dir = base_model_dir(spec.base_model)
-        tokenizer_dir = directory if (directory / "tokenizer_config.json").is_file() else weights_dir
+        has_own_tokenizer = (directory / "tokenizer_config.json").is_file()
+        tokenizer_dir = directory if has_own_tokenizer else base_model_dir(spec.base_model)
     check_tokenizer(tokenizer_dir)
-    model = load_sequence_classifier(weights_dir, spec.num_labels, torch.float32)
-    if spec.base_model is not None:
+    if spec.base_model is None:
+        model = load_sequence_classifier(directory, spec.num_labels, torch.float32)
+    else:
         from peft import PeftModel
 
+        model = load_base_classifier(spec.base_model, spec.num_labels, torch.float32)
         with warnings.catch_warnings():  # peft calls a transformers API deprecated in v5
             warnings.simplefilter("ignore", FutureWarning)
             # peft reads adapter_model.safetensors when it is there, which check_weights made sure of

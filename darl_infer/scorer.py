@@ -6,7 +6,6 @@ The API follows sentence-transformers' CrossEncoder (`predict`, `rank`) so users
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -16,21 +15,10 @@ from .backends import BACKEND_CHOICES, backend_class, check_backend_options
 from .backends.onnx_format import is_onnx_export
 from .backends.prefix_cache import PrefixLRU
 from .checkpoint import SPEC_FILE, CheckpointSpec, read_spec, resolve_checkpoint
+from .cascade import CascadeScorer
 from .loading import load_checkpoint_model, resolve_device, resolve_dtype
-from .pairs import group_by_query
-from .validate import check_int, check_items, check_text
-
-
-@dataclass
-class ScoreResult:
-    probs: np.ndarray      # (N, K) probability of each grade
-    scores: np.ndarray     # (N,) expected grade value, sum_k p_k * v_k
-    grades: np.ndarray     # (N,) argmax grade index
-    truncated: np.ndarray  # (N,) the query or the item was cut to its token limit
-    labels: list[str]
-
-    def __len__(self) -> int:
-        return len(self.scores)
+from .ranking import Ranker, ScoreResult
+from .validate import check_int
 
 
 def check_prefix_cache_mb(value, backend: str) -> None:
@@ -42,7 +30,7 @@ def check_prefix_cache_mb(value, backend: str) -> None:
         )
 
 
-class Scorer:
+class Scorer(Ranker):
     """Scores (query, item) pairs with a checkpoint; safe to share between threads (each call keeps
     its own state, the model is only read, the LRU of recent prefixes takes a lock)."""
 
@@ -109,13 +97,13 @@ class Scorer:
         tokenizer = AutoTokenizer.from_pretrained(str(directory))
         return cls(export, tokenizer, spec, backend="onnx", device=device, **backend_options)
 
-    @property
-    def labels(self) -> list[str]:
-        return self.spec.labels
-
-    def score(self, query: str, items) -> ScoreResult:
-        """Scores of `items` (any ordered iterable of str, read once; see validate.check_items) for `query`."""
-        return self.score_many([(query, items)])[0]
+    @staticmethod
+    def cascade(coarse, fine, keep: float | int = 0.2) -> CascadeScorer:
+        """A scorer with this API in which `coarse` scores every item and `fine` re-scores the
+        `keep` best of each query (a fraction in (0, 1], or a count); each is a Scorer or a
+        checkpoint name/path. See cascade.py."""
+        coarse, fine = (m if isinstance(m, Ranker) else Scorer.from_pretrained(m) for m in (coarse, fine))
+        return CascadeScorer(coarse, fine, keep)
 
     def score_many(self, batch) -> list[ScoreResult]:
         """`score` of each `(query, items)` of `batch`, in order. The torch and triton backends pack
@@ -144,34 +132,3 @@ class Scorer:
         """The LRU of recent prefixes (`prefix_cache_mb`): hits, misses (prefixes looked up and
         computed), evictions, entries, bytes held, max_bytes; all 0 when it is off."""
         return self._prefix_lru.stats()
-
-    def rank(self, query: str, items, top_k: int | None = None, return_documents: bool = False) -> list[dict]:
-        """Items best first, as `[{"corpus_id", "score", "grade"[, "text"]}]` (CrossEncoder.rank's shape).
-        `top_k`: keep the best k (None: all)."""
-        if top_k is not None:
-            check_int(top_k, "top_k", 0)
-        items = check_items(items)
-        result = self.score(query, items)
-        order = np.argsort(-result.scores, kind="stable")[:top_k]
-        ranked = []
-        for i in order:
-            row = {"corpus_id": int(i), "score": float(result.scores[i]), "grade": int(result.grades[i])}
-            if return_documents:
-                row["text"] = items[i]
-            ranked.append(row)
-        return ranked
-
-    def predict(self, pairs) -> np.ndarray:
-        """Expected-grade scores of (query, item) pairs in input order; each query's prefix runs once."""
-        pairs = list(pairs)
-        for n, pair in enumerate(pairs):
-            if isinstance(pair, (str, bytes)) or not hasattr(pair, "__len__") or len(pair) != 2:
-                raise TypeError(f"pairs[{n}] must be a (query, item) pair")
-            check_text(pair[0], f"pairs[{n}][0] (query)")
-            check_text(pair[1], f"pairs[{n}][1] (item)")
-        scores = np.empty(len(pairs), dtype=np.float32)
-        groups = group_by_query(query for query, _ in pairs)
-        results = self.score_many([(query, [pairs[n][1] for n in idx]) for query, idx in groups.items()])
-        for idx, result in zip(groups.values(), results):
-            scores[idx] = result.scores
-        return scores

@@ -479,3 +479,31 @@ def test_real_server_cohere_client_then_sigterm(tiny_checkpoints, scorer, rng, t
             proc.kill()
             proc.wait()
         log.close()
+
+
+def test_cascade_requests_batched_together_equal_the_cascade_scorer(tiny_checkpoints, scorer, rng):
+    """--cascade: same-query requests with different documents share the coarse worker's step, yet
+    each keeps its own best items (the keep rule is per request) and equals Scorer.cascade's rank."""
+    coarse = Gated(Scorer.from_pretrained(tiny_checkpoints["qwen2"], backend="torch"))
+    app = create_app(scorer, cascade=(coarse, 0.4))
+    pool = ragged_items(rng, 12, max_tokens=20)
+    bodies = [{"query": "w1 w2", "texts": rng.sample(pool, 5), "raw_scores": True, "return_grades": True} for _ in range(4)]
+
+    async def go():
+        async with serving(app) as client:
+            pending = [asyncio.ensure_future(client.post("/rerank", json=b)) for b in bodies]
+            await until(lambda: len(coarse.calls) == 1)
+            coarse.open.set()
+            return await asyncio.gather(*pending), await client.get("/info")
+
+    responses, info = asyncio.run(go())
+    assert info.json()["cascade"] == {"keep": 0.4}
+    expected = Scorer.cascade(coarse._scorer, scorer, keep=0.4)
+    assert len(coarse.calls) <= 2 and sum(len(items) for _, items in coarse.calls[-1]) < 4 * 5  # merged, deduplicated
+    for body, response in zip(bodies, responses):
+        ranked = expected.rank(body["query"], body["texts"])
+        rows = response.json()
+        assert [r["index"] for r in rows] == [r["corpus_id"] for r in ranked]
+        np.testing.assert_allclose([r["score"] for r in rows], [r["score"] for r in ranked], atol=1e-5)
+        assert [r["graded_by"] for r in rows] == [r["graded_by"] for r in ranked]
+        assert sum(r["graded_by"] == "fine" for r in rows) == 2  # ceil(0.4 * 5)

@@ -20,16 +20,23 @@ NEGATIVE_QUERIES = 200    # queries of a dev file that get foreign items (seeded
 NEGATIVES_PER_QUERY = 5   # foreign items per such query
 
 
+def foreign_pairs(pairs: list[Pair], negative_queries: int = NEGATIVE_QUERIES,
+                  negatives_per_query: int = NEGATIVES_PER_QUERY, seed: int = 0) -> list[tuple[str, str]]:
+    """(query, item of another, unrelated query of the same file) for `negative_queries` of the
+    file's queries (a seeded draw), `negatives_per_query` items each."""
+    queries = sorted(group_by_query(pairs))
+    chosen = np.random.default_rng(seed).permutation(len(queries))[:negative_queries]
+    foreign = ForeignItems(pairs, seed)
+    return [(queries[i], item) for i in sorted(chosen) for item in foreign.draw(queries[i], negatives_per_query)]
+
+
 def report(
     probs_of: ProbsOf, pairs: list[Pair], grade_values: list[float],
     negative_queries: int = NEGATIVE_QUERIES, negatives_per_query: int = NEGATIVES_PER_QUERY, seed: int = 0,
 ) -> dict:
     """relevance_metrics of `pairs`, and under "easy_negatives" how `negatives_per_query` items of
     other, unrelated queries of the same file are graded for `negative_queries` of its queries."""
-    queries = sorted(group_by_query(pairs))
-    chosen = np.random.default_rng(seed).permutation(len(queries))[:negative_queries]
-    foreign = ForeignItems(pairs, seed)
-    shown = [(queries[i], item) for i in sorted(chosen) for item in foreign.draw(queries[i], negatives_per_query)]
+    shown = foreign_pairs(pairs, negative_queries, negatives_per_query, seed)
     values = np.array(grade_values, dtype=np.float32)
     probs = probs_of([(p.query, p.item) for p in pairs] + shown)
     own_probs, foreign_probs = probs[: len(pairs)], probs[len(pairs) :]

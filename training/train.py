@@ -23,13 +23,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from darl_infer.atomic import atomic_dir
 from darl_infer.base_models import base_model_dir
 from darl_infer.checkpoint import CheckpointSpec
 from darl_infer.config import from_fields
 from darl_infer.backends.prefix_runner import PrefixRunner
-from darl_infer.loading import load_sequence_classifier
+from darl_infer.loading import load_base_classifier
 from darl_infer.template import Template
 
 from . import dasa as dasa_lib
@@ -133,13 +134,13 @@ def with_random_negatives(sets: list[list[Pair]], cfg: NegativesConfig | None, s
 class Trainee:
     """The model being trained: PEFT LoRA model, its shared-prefix runner, head and encoder."""
 
-    def __init__(self, config: TrainConfig, template: Template, num_labels: int):
-        from peft import LoraConfig, get_peft_model
+    def __init__(self, config: TrainConfig, template: Template, num_labels: int, adapter: Path | None = None):
+        """`adapter`: a checkpoint directory whose trained adapter to load (a run's model, as it ended)."""
+        from peft import LoraConfig, PeftModel, get_peft_model
         from transformers import AutoTokenizer
 
-        base_dir = base_model_dir(config.base_model)
-        model = load_sequence_classifier(base_dir, num_labels, torch.float32)
-        self.encoder = template.encoder(AutoTokenizer.from_pretrained(str(base_dir)))
+        model = load_base_classifier(config.base_model, num_labels, torch.float32)
+        self.encoder = template.encoder(AutoTokenizer.from_pretrained(str(base_model_dir(config.base_model))))
         n_layers = model.config.num_hidden_layers
         top = list(range(max(0, n_layers - config.lora_layers), n_layers))
         lora = LoraConfig(
@@ -147,7 +148,7 @@ class Trainee:
             target_modules=LORA_TARGETS, layers_to_transform=top, layers_pattern="layers",
             modules_to_save=["score"], task_type="SEQ_CLS",
         )
-        self.peft_model = get_peft_model(model, lora)
+        self.peft_model = get_peft_model(model, lora) if adapter is None else PeftModel.from_pretrained(model, str(adapter))
         self.inner = self.peft_model.base_model.model
         self.runner = PrefixRunner(getattr(self.inner, self.inner.base_model_prefix))
         self.instruction = torch.tensor(self.encoder.instruction, dtype=torch.long)
@@ -177,7 +178,8 @@ class Trainee:
             with torch.no_grad():
                 instruction_states, states = self.frozen_states([Pair(q, i, 0) for q, i in pairs])
                 cache = self.frozen.top_prefix(instruction_states)
-                hidden = torch.cat([self.frozen.top_items(cache, states[b : b + 32]) for b in range(0, len(states), 32)])
+                passes = tqdm(range(0, len(states), 32), desc="top layers", unit="pass", disable=len(states) < 2000)
+                hidden = torch.cat([self.frozen.top_items(cache, states[b : b + 32]) for b in passes])
                 return hidden.numpy(), self.inner.score(hidden).float().numpy()
         finally:
             self.peft_model.train()

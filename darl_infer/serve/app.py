@@ -15,6 +15,8 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request, Response
 
+from darl_infer.cascade import check_keep
+
 from . import errors
 from .limits import Limits
 from .metrics import Metrics
@@ -30,35 +32,45 @@ from .schemas import (
     TeiRerankRequest,
     Usage,
 )
-from .service import ClientGone, Ranked, RerankService
+from .service import ClientGone, Coarse, Ranked, RerankService
 
 RERANK_PATHS = ("/rerank", "/v2/rerank", "/v1/rerank")
 ERROR_RESPONSES = {code: {"model": ErrorBody} for code in (400, 413, 422, 429, 500, 503)}
 
 
-def create_app(scorer, limits: Limits = Limits(), model_id: str = "darl", info: dict | None = None) -> FastAPI:
-    """`info`: what /info adds about how the scorer was loaded (checkpoint, backend, dtype)."""
+def create_app(
+    scorer, limits: Limits = Limits(), model_id: str = "darl", info: dict | None = None, cascade: tuple | None = None
+) -> FastAPI:
+    """`info`: what /info adds about how the scorer was loaded (checkpoint, backend, dtype).
+    `cascade`: (coarse scorer, keep): `scorer` then re-grades the coarse model's `keep` best."""
     metrics = Metrics()
     scheduler = Scheduler(scorer, limits.max_batch_tokens, metrics)
-    service = RerankService(scorer, limits, scheduler, metrics)
+    coarse = None if cascade is None else Coarse(cascade[0], Scheduler(cascade[0], limits.max_batch_tokens, metrics), check_keep(cascade[1]))
+    service = RerankService(scorer, limits, scheduler, metrics, coarse)
+    workers = [scheduler] if coarse is None else [coarse.scheduler, scheduler]
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        scheduler.start()
+        for worker in workers:
+            worker.start()
         try:
             yield
-        finally:  # uvicorn has answered what was in flight by now; the queue is empty or drains
-            await asyncio.to_thread(scheduler.stop)
+        finally:  # uvicorn has answered what was in flight by now; the queues are empty or drain
+            for worker in workers:
+                await asyncio.to_thread(worker.stop)
 
     app = FastAPI(title="darl_infer", lifespan=lifespan, exception_handlers=errors.HANDLERS)
     app.state.scheduler, app.state.metrics = scheduler, metrics
 
     def grades(ranked: Ranked, i: int) -> dict:
-        """`return_grades=true`: the argmax grade's label and every grade's probability."""
+        """`return_grades=true`: the argmax grade's label, every grade's probability, and in a
+        cascade which model graded the item."""
         labels = scorer.spec.labels
+        by = ranked.result.graded_by
         return {
             "grade": labels[int(ranked.result.grades[i])],
             "probabilities": {label: float(p) for label, p in zip(labels, ranked.result.probs[i])},
+            **({} if by is None else {"graded_by": str(by[i])}),
         }
 
     @app.exception_handler(ClientGone)
@@ -108,7 +120,7 @@ def create_app(scorer, limits: Limits = Limits(), model_id: str = "darl", info: 
 
     @app.get("/health")
     async def health():
-        if not scheduler.healthy:
+        if not all(worker.healthy for worker in workers):
             raise errors.unavailable("the model worker is not running")
         return {"status": "ok"}
 
@@ -122,6 +134,7 @@ def create_app(scorer, limits: Limits = Limits(), model_id: str = "darl", info: 
             "grade_values": scorer.spec.grade_values,
             "template": {"max_query_tokens": t.max_query_tokens, "max_item_tokens": t.max_item_tokens},
             "limits": limits.to_dict(),
+            **({} if coarse is None else {"cascade": {"keep": coarse.keep}}),
         }
 
     @app.get("/metrics")

@@ -11,6 +11,8 @@ import logging
 import signal
 from pathlib import Path
 
+from darl_infer.cascade import keep_value
+
 from .limits import Limits
 
 EXTRA_HINT = "darl-infer serve needs the 'serve' extra: pip install 'darl-infer[serve]' (fastapi, uvicorn, prometheus-client)"
@@ -32,6 +34,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="tokens (each query's prefix once + items) the worker scores in one step")
     p.add_argument("--prefix-cache-mb", type=int, default=d.prefix_cache_mb,
                    help="MiB of recent prefixes' K/V kept for repeated queries (torch and triton backends; 0: none)")
+    p.add_argument("--cascade", default=None, metavar="COARSE",
+                   help="a fast checkpoint (e.g. default-student) that grades every document first, on a worker of its own")
+    p.add_argument("--keep", type=keep_value, default=0.2,
+                   help="with --cascade: each request's best documents the checkpoint re-grades, a fraction in (0, 1] or a count")
     p.add_argument("--graceful-timeout", type=int, default=30, help="seconds to finish in-flight requests after SIGTERM")
 
 
@@ -55,14 +61,19 @@ def run(args: argparse.Namespace) -> int:
         scorer = Scorer.from_pretrained(
             args.checkpoint, backend=args.backend, dtype=args.dtype, prefix_cache_mb=limits.prefix_cache_mb
         )
+        coarse = None if args.cascade is None else Scorer.from_pretrained(
+            args.cascade, backend=args.backend, dtype=args.dtype, prefix_cache_mb=limits.prefix_cache_mb
+        )
     # bad flag values (a prefix cache for a backend that keeps none), an unknown backend, a broken checkpoint
     except (ValueError, OSError) as e:
         raise SystemExit(f"darl-infer serve: {e}") from None
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     checkpoint = str(args.checkpoint or "default")
     info = {"checkpoint": checkpoint, "backend": args.backend, "dtype": args.dtype}  # as requested: "auto" stays "auto"
+    if coarse is not None:
+        info["cascade_coarse_checkpoint"] = str(args.cascade)
     model_id = args.model_id or (Path(args.checkpoint).name if args.checkpoint else "darl-default")
-    app = create_app(scorer, limits, model_id=model_id, info=info)
+    app = create_app(scorer, limits, model_id=model_id, info=info, cascade=None if coarse is None else (coarse, args.keep))
     config = uvicorn.Config(app, host=args.host, port=args.port, timeout_graceful_shutdown=args.graceful_timeout)
     # uvicorn handles SIGTERM (graceful shutdown), then raises it again under the handler it found:
     # with this one that second delivery ends nothing and the process exits 0

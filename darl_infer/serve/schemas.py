@@ -31,6 +31,7 @@ class TeiRankItem(BaseModel):
     text: str | None = None
     grade: str | None = None
     probabilities: dict[str, float] | None = None
+    graded_by: str | None = None  # with --cascade: "coarse" or "fine"
 
 
 class Document(BaseModel):
@@ -55,6 +56,7 @@ class CohereResult(BaseModel):
     document: Document | None = None
     grade: str | None = None
     probabilities: dict[str, float] | None = None
+    graded_by: str | None = None  # with --cascade: "coarse" or "fine"
 
 
 class Usage(BaseModel):

@@ -20,6 +20,7 @@ import numpy as np
 from starlette.requests import Request as HttpRequest
 
 from darl_infer import ScoreResult
+from darl_infer.cascade import kept_best, merge
 
 from . import errors
 from .batching import Request
@@ -40,9 +41,22 @@ class Ranked:
     tokens: int           # prefix + items as encoded
 
 
+@dataclass
+class Coarse:
+    """`--cascade`: the fast model, its own worker, and how many of each request's items it keeps."""
+
+    scorer: object
+    scheduler: Scheduler
+    keep: float | int
+
+
 class RerankService:
-    def __init__(self, scorer, limits: Limits, scheduler: Scheduler, metrics: Metrics):
-        self.scorer, self.limits, self.scheduler, self.metrics = scorer, limits, scheduler, metrics
+    """With `coarse`, a request is a cascade (darl_infer.cascade): the coarse worker grades every
+    item, then the fine worker re-grades the kept best; each worker batches across requests, and
+    each item's score stays its model's score for that pair alone."""
+
+    def __init__(self, scorer, limits: Limits, scheduler: Scheduler, metrics: Metrics, coarse: Coarse | None = None):
+        self.scorer, self.limits, self.scheduler, self.metrics, self.coarse = scorer, limits, scheduler, metrics, coarse
         values = scorer.spec.grade_values
         self._low, self._span = min(values), (max(values) - min(values)) or 1.0
         self._in_flight = 0  # touched only on the event loop's thread
@@ -55,13 +69,16 @@ class RerankService:
     async def rerank(self, http: HttpRequest, query: str, texts: list[str], truncate: bool) -> Ranked:
         if self._in_flight >= self.limits.max_concurrent_requests:
             raise errors.overloaded(self.limits.max_concurrent_requests)
-        if not self.scheduler.healthy:
+        if not (self.scheduler.healthy and (self.coarse is None or self.coarse.scheduler.healthy)):
             raise errors.unavailable("the model worker is not running")
         self._in_flight += 1
         self.metrics.in_flight.set(self._in_flight)
         try:
-            request = self._encode(query, texts, truncate)
-            result = await self._wait(http, request)
+            request = self._encode(self.scorer, query, texts, truncate)
+            if self.coarse is None:
+                result = await self._wait(http, self.scheduler, request)
+            else:
+                result = await self._cascade(http, query, texts)
         finally:
             self._in_flight -= 1
             self.metrics.in_flight.set(self._in_flight)
@@ -69,7 +86,14 @@ class RerankService:
         tokens = request.prefix_tokens + sum(request.item_tokens)
         return Ranked(result, order, self.relevance(result.scores), tokens)
 
-    def _encode(self, query: str, texts: list[str], truncate: bool) -> Request:
+    async def _cascade(self, http: HttpRequest, query: str, texts: list[str]) -> ScoreResult:
+        coarse = await self._wait(http, self.coarse.scheduler, self._encode(self.coarse.scorer, query, texts, True))
+        picks = kept_best(coarse, self.coarse.keep)
+        kept = [texts[i] for i in picks]
+        fine = await self._wait(http, self.scheduler, self._encode(self.scorer, query, kept, True))
+        return merge(coarse, fine, picks)
+
+    def _encode(self, scorer, query: str, texts: list[str], truncate: bool) -> Request:
         if not texts:
             raise errors.empty("no documents to rank: `texts` / `documents` is empty")
         if len(texts) > self.limits.max_client_batch_size:
@@ -77,7 +101,7 @@ class RerankService:
                 f"{len(texts)} documents; at most {self.limits.max_client_batch_size} per request (--max-client-batch-size)"
             )
         try:
-            enc = self.scorer.encoder.encode(query, texts)
+            enc = scorer.encoder.encode(query, texts)
         except ValueError as e:  # the only one the encoder raises on well-typed input: an empty query
             raise errors.empty(str(e)) from None
         if not truncate and any(enc.truncated):
@@ -95,15 +119,15 @@ class RerankService:
             "send truncate=true to cut them"
         )
 
-    async def _wait(self, http: HttpRequest, request: Request) -> ScoreResult:
-        job = self.scheduler.submit(request)
+    async def _wait(self, http: HttpRequest, scheduler: Scheduler, request: Request) -> ScoreResult:
+        job = scheduler.submit(request)
         gone = asyncio.ensure_future(_disconnected(http))
         try:
             await asyncio.wait({job.future, gone}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             gone.cancel()
         if not job.future.done():
-            self.scheduler.withdraw(job)  # False when already being scored: its result is then dropped
+            scheduler.withdraw(job)  # False when already being scored: its result is then dropped
             job.future.cancel()
             raise ClientGone
         try:
