@@ -30,10 +30,9 @@ import torch
 from compare import machine
 from darl_infer import Scorer
 from darl_infer.checkpoint import resolve_checkpoint
-from darl_infer.pairs import group_by_query
 from darl_infer.ranking import Ranker, ScoreResult
 from darl_infer.training.data import read_pairs
-from darl_infer.training.evaluate import foreign_pairs, report
+from darl_infer.training.evaluate import foreign_pairs, report, scorer_probs
 from darl_infer.training.teacher_cache import score_pairs, teacher_probs
 
 HERE = Path(__file__).resolve().parent
@@ -56,22 +55,8 @@ class Table(Ranker):
         return results
 
 
-def probs_of(model: Ranker):
-    """report()'s view of a model: probabilities of (query, item) pairs, each query in one call."""
-
-    def probs(pairs: list[tuple[str, str]]) -> np.ndarray:
-        out = np.empty((len(pairs), len(model.labels)), dtype=np.float32)
-        groups = group_by_query(q for q, _ in pairs)
-        results = model.score_many([(q, [pairs[n][1] for n in idx]) for q, idx in groups.items()])
-        for idx, result in zip(groups.values(), results):
-            out[idx] = result.probs
-        return out
-
-    return probs
-
-
 def quality(models: dict[str, Ranker], dev: dict[str, list]) -> dict[str, dict[str, dict]]:
-    return {name: {set_name: report(probs_of(model), pairs, model.spec.grade_values) for set_name, pairs in dev.items()}
+    return {name: {set_name: report(scorer_probs(model), pairs, model.spec.grade_values) for set_name, pairs in dev.items()}
             for name, model in models.items()}
 
 

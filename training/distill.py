@@ -34,6 +34,7 @@ from darl_infer.template import Template
 from .data import DataError, Pair, read_pairs
 from .loss import DaRLLoss, LossConfig, resolve_class_weights
 from .negatives import NegativesConfig
+from .optim import Optimizer
 from .stages import batch_schedule
 from .teacher_cache import teacher_probs
 from .train import Trainee, TrainConfig, load_sets, save_checkpoint, with_random_negatives
@@ -128,9 +129,8 @@ def distill(config: DistillConfig):
     loss_cfg = LossConfig.from_dict(config.loss)
     loss_fn = DaRLLoss(loss_cfg, resolve_class_weights(loss_cfg, [p.label for p in labelled], num_labels))
     batches = batch_schedule(len(pairs), config.batch_size, config.steps, config.epochs, config.seed)
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    warmup, total = max(1, config.warmup_steps), max(1, len(batches))
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: min(1.0, (i + 1) / warmup) * max(0.0, 1 - i / total))
+    total = len(batches)
+    optimizer = Optimizer(params, config.lr, config.weight_decay, config.warmup_steps, total)
     deadline = None if config.time_budget_minutes is None else time.time() + 60 * config.time_budget_minutes
 
     train_started, losses, step, stopped_early = time.time(), [], 0, False
@@ -140,11 +140,7 @@ def distill(config: DistillConfig):
         hidden = trainee.runner.items(cache, [torch.tensor(sequences[i]) for i in batch])
         logits = trainee.inner.score(hidden).float()
         loss = distillation_loss(logits, labels[batch], None if teacher is None else teacher[batch], loss_fn, config)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        schedule.step()
+        optimizer.step(loss)
         step += 1
         losses.append(loss.item())
         if step % config.log_every == 0:

@@ -40,6 +40,7 @@ from .frozen_cache import FrozenSplit, StateStore
 from .evaluate import report
 from .loss import DaRLLoss, LossConfig, resolve_class_weights
 from .negatives import ForeignItems, NegativesConfig, random_negatives
+from .optim import Optimizer
 from .stages import StageConfig, batch_schedule, stage_pairs
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -299,10 +300,7 @@ def train(config: TrainConfig) -> Path:
         batches = batch_schedule(len(pairs), config.batch_size, stage.steps, stage.epochs, config.seed + 1000 * s)
         total = len(batches)
         warmup = config.warmup_steps if stage.warmup_steps is None else stage.warmup_steps
-        optimizer = torch.optim.AdamW(params, lr=stage.lr or config.lr, weight_decay=config.weight_decay)
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda i: min(1.0, (i + 1) / max(1, warmup)) * max(0.0, 1 - i / max(1, total))
-        )
+        optimizer = Optimizer(params, stage.lr or config.lr, config.weight_decay, warmup, total)
         stage_started, stage_steps = time.time(), 0
         for batch in batches:
             if trainee.frozen is None:
@@ -311,11 +309,7 @@ def train(config: TrainConfig) -> Path:
             else:
                 hidden = trainee.top_hidden(instruction_states, [pair_states[i] for i in batch])
             loss = loss_fn(inner.score(hidden).float(), labels[batch])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
-            schedule.step()
+            optimizer.step(loss)
             step += 1
             stage_steps += 1
             pairs_seen += len(batch)
