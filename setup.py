@@ -5,7 +5,7 @@ setup(
     version="0.1.0",
     description="Train and serve LLM search-relevance models (DaRL) with exact shared-prefix scoring",
     python_requires=">=3.11",
-    packages=["darl_infer", "darl_infer.backends", "darl_infer.kernels", "darl_infer.training", "darl_infer.serve"],
+    packages=["darl_infer", "darl_infer.backends", "darl_infer.kernels", "darl_infer.training", "darl_infer.serve", "darl_infer.distributed"],
     package_dir={"darl_infer": "darl_infer", "darl_infer.kernels": "kernels", "darl_infer.training": "training"},
     package_data={"darl_infer": ["default_model/*", "default_student/*", "examples/*"]},
     install_requires=[
@@ -27,8 +27,10 @@ setup(
         # the serve extra + httpx + cohere: the service's tests (the official Cohere client against it)
         "dev": [
             "pytest", "pytest-benchmark", "triton", "scikit-learn", "sentence-transformers>=6", "datasets",
-            "fastapi", "uvicorn", "prometheus-client", "httpx", "cohere",
+            "fastapi", "uvicorn", "prometheus-client", "httpx", "cohere", "ray[data]",
         ],
+        # darl-infer score --engine ray, darl_infer.distributed: offline scoring on Ray Data
+        "distributed": ["ray[data]"],
         # darl-infer serve: the rerank service
         "serve": ["fastapi", "uvicorn", "prometheus-client"],
         # bench/: the latency suite, compare.py's peers (optimum needs its own venv, see bench/RESULTS.md), load.py

@@ -20,7 +20,7 @@ from .base_models import BaseModelMissing
 from .cascade import CascadeScorer, keep_value
 from .checkpoint import CheckpointError, resolve_checkpoint
 from .jsonl import DataError, iter_lines, iter_rows
-from .pairs import group_by_query
+from .pairs import score_pairs
 from .scorer import Scorer
 from .serve.cli import add_arguments as add_serve_arguments
 from .serve.cli import run as run_serve
@@ -107,6 +107,14 @@ def _check_output(input_path: str, output: str) -> None:
 
 
 def cmd_score(args) -> int:
+    if args.engine == "ray":
+        from .distributed.job import run
+
+        return run(args)
+    return _score_local(args)
+
+
+def _score_local(args) -> int:
     """Stream: at most `--buffer` pairs in memory, scored in one `score_many` call (the pairs of one
     query in a buffer share a prefix run; with torch/triton the buffer's queries are packed).
 
@@ -124,18 +132,9 @@ def cmd_score(args) -> int:
     writing = contextlib.nullcontext(sys.stdout) if args.output == "-" else atomic_file(args.output)
     with writing as out:
         while buffer := list(islice(rows, args.buffer)):
-            groups = group_by_query(row["query"] for row in buffer)
-            results = scorer.score_many([(query, [buffer[i]["item"] for i in idx]) for query, idx in groups.items()])
-            for idx, result in zip(groups.values(), results):
-                for j, i in enumerate(idx):
-                    buffer[i].update(
-                        score=float(result.scores[j]),
-                        grade=int(result.grades[j]),
-                        probs=[float(p) for p in result.probs[j]],
-                        truncated=bool(result.truncated[j]),
-                    )
-                    if result.graded_by is not None:
-                        buffer[i]["graded_by"] = str(result.graded_by[j])
+            scored = score_pairs(scorer, [row["query"] for row in buffer], [row["item"] for row in buffer])
+            for row, fields in zip(buffer, scored):
+                row.update(fields)
             for row in buffer:
                 out.write(json.dumps(row, ensure_ascii=False) + "\n")
     return 0
@@ -159,11 +158,22 @@ def build_parser() -> argparse.ArgumentParser:
     rank.add_argument("--top-k", type=at_least(0), default=None)
     _add_model_args(rank)
     rank.set_defaults(func=cmd_rank)
-    score = sub.add_parser("score", help="score a JSONL file of {query, item} pairs")
-    score.add_argument("--input", required=True, help="JSONL pairs, or - for stdin")
-    score.add_argument("--output", default="-", help="JSONL out (input fields + score, grade, probs, truncated)")
-    score.add_argument("--buffer", type=at_least(1), default=4096, help="pairs held in memory at once")
+    score = sub.add_parser("score", help="score a JSONL file of {query, item} pairs (or many files, on Ray Data)")
+    score.add_argument("--input", required=True, help="JSONL pairs, or - for stdin; with --engine ray: paths, a glob, a directory or a URI, JSONL or Parquet")
+    score.add_argument("--output", default="-", help="JSONL out (input fields + score, grade, probs, truncated); with --engine ray: a new directory")
+    score.add_argument("--buffer", type=at_least(1), default=4096, help="pairs held in memory at once (--engine ray: per actor batch)")
     _add_model_args(score)
+    ray_options = score.add_argument_group("--engine ray (the 'distributed' extra)")
+    ray_options.add_argument("--engine", choices=["local", "ray"], default="local")
+    ray_options.add_argument("--format", choices=["jsonl", "parquet"], default=None, help="output format (default: the input's)")
+    ray_options.add_argument("--input-format", choices=["jsonl", "parquet"], default=None, help="default: parquet if --input ends in .parquet, else jsonl")
+    ray_options.add_argument("--actors", type=at_least(1), default=1, help="scoring actors, each holding one model")
+    ray_options.add_argument("--num-cpus", type=float, default=1, help="CPUs per actor (torch threads)")
+    ray_options.add_argument("--num-gpus", type=float, default=0, help="GPUs per actor")
+    ray_options.add_argument("--address", default=None, help="Ray cluster ('auto': the one RAY_ADDRESS or `ray start` gave); default: start a local Ray")
+    ray_options.add_argument("--on-error", choices=["skip", "fail"], default="skip", help="bad rows: to OUTPUT/errors/ and go on, or stop at the first")
+    ray_options.add_argument("--group-by-query", action="store_true", help="input not sorted by query: groupby (a full shuffle) so each prefix runs once")
+    ray_options.add_argument("--overwrite", action="store_true", help="replace an existing --output directory")
     score.set_defaults(func=cmd_score)
     export = sub.add_parser("export", help="export a checkpoint to ONNX graphs for the onnx backend")
     export.add_argument("checkpoint", help="checkpoint directory, or 'default' for the embedded default model")
