@@ -114,6 +114,10 @@ def cmd_score(args) -> int:
     return _score_local(args)
 
 
+RAY_ONLY = {"format": None, "input_format": None, "actors": 1, "num_cpus": 1, "num_gpus": 0, "address": None,
+            "on_error": "skip", "group_by_query": False, "overwrite": False}
+
+
 def _score_local(args) -> int:
     """Stream: at most `--buffer` pairs in memory, scored in one `score_many` call (the pairs of one
     query in a buffer share a prefix run; with torch/triton the buffer's queries are packed).
@@ -122,6 +126,9 @@ def _score_local(args) -> int:
     error the previous file is untouched. A file input is checked line by line before the model
     loads (stdin can be read once only: its lines are checked as they are scored).
     """
+    for name, default in RAY_ONLY.items():
+        if getattr(args, name) != default:
+            raise DataError(f"--{name.replace('_', '-')} needs --engine ray (the local command writes one JSONL file)")
     _check_output(args.input, args.output)
     _check_checkpoints(args)
     if args.input != "-":

@@ -10,6 +10,7 @@ _SUCCESS.json (counts and options).
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 
@@ -29,7 +30,7 @@ def _check_cpus(args, cluster_cpus: float) -> None:
         return
     message = (f"--actors {args.actors} x --num-cpus {args.num_cpus:g} plus {2 * IO_TASK_CPUS:g} CPU for reading and writing "
                f"needs {need:g} CPUs; this Ray has {cluster_cpus:g}: lower --num-cpus (fractions are fine) or --actors")
-    if args.address is None:
+    if args.address is None and "RAY_ADDRESS" not in os.environ:  # the local Ray this job started
         raise DataError(message)
     print(f"darl-infer: warning: {message} (unless the cluster scales up)", file=sys.stderr)
 

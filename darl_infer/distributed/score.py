@@ -68,7 +68,7 @@ def score_dataset(
 
     `actors` actors each hold one Scorer (`checkpoint`, `**scorer_options` as for
     `Scorer.from_pretrained`) and take `num_cpus`/`num_gpus` each; torch in an actor uses
-    max(1, int(num_cpus)) threads. A killed actor is restarted by Ray and its batch retried.
+    max(1, round(num_cpus)) threads. A killed actor is restarted by Ray and its batch retried.
     Lazy, like every Ray Dataset transform: nothing runs until the result is consumed or written.
     """
     if actors < 1 or batch_size < 1:
@@ -76,7 +76,7 @@ def score_dataset(
     import ray.data
 
     options = dict(
-        fn_constructor_kwargs=dict(checkpoint=checkpoint, num_threads=max(1, int(num_cpus)), **scorer_options),
+        fn_constructor_kwargs=dict(checkpoint=checkpoint, num_threads=max(1, round(num_cpus)), **scorer_options),
         compute=ray.data.ActorPoolStrategy(size=actors),
         batch_format="pyarrow",
         num_cpus=num_cpus,
