@@ -64,10 +64,13 @@ def _check_checkpoints(args) -> None:
 
 
 def _load(args) -> Scorer | CascadeScorer:
+    """The scorer; its dtype (what "auto" chose on this machine) on stderr, beside the results."""
     scorer = Scorer.from_pretrained(args.checkpoint, backend=args.backend, dtype=args.dtype)
+    print(f"darl-infer: {args.checkpoint or 'default model'}, dtype {scorer.dtype}", file=sys.stderr)
     if args.cascade is None:
         return scorer
     coarse = Scorer.from_pretrained(args.cascade, backend=args.backend, dtype=args.dtype)
+    print(f"darl-infer: cascade coarse {args.cascade}, dtype {coarse.dtype}", file=sys.stderr)
     return Scorer.cascade(coarse, scorer, 0.2 if args.keep is None else args.keep)
 
 

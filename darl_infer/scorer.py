@@ -12,11 +12,11 @@ import numpy as np
 import torch
 
 from .backends import BACKEND_CHOICES, backend_class, check_backend_options
-from .backends.onnx_format import is_onnx_export
+from .backends.onnx_format import ONNX_SECTION, is_onnx_export
 from .backends.prefix_cache import PrefixLRU
 from .checkpoint import SPEC_FILE, CheckpointSpec, read_spec, resolve_checkpoint
 from .cascade import CascadeScorer
-from .loading import load_checkpoint_model, resolve_device, resolve_dtype
+from .loading import dtype_name, load_checkpoint_model, resolve_device, resolve_dtype
 from .ranking import Ranker, ScoreResult
 from .validate import check_int
 
@@ -44,6 +44,8 @@ class Scorer(Ranker):
         self.encoder = spec.template.encoder(tokenizer)
         self.backend = backend_class(backend)(model, **backend_options)
         self.grade_values = torch.tensor(spec.grade_values, dtype=torch.float32)
+        # what "auto" chose (an ONNX export's is set from its darl.json by _from_onnx_export)
+        self.dtype = dtype_name(model) if isinstance(model, torch.nn.Module) else None
         self._prefix_lru = PrefixLRU(prefix_cache_mb * 2**20)
 
     @classmethod
@@ -95,7 +97,9 @@ class Scorer(Ranker):
         export = OnnxExport.from_spec(directory, raw)  # before the tokenizer: names a missing or altered file
         spec = CheckpointSpec.from_dict(raw, directory / SPEC_FILE)
         tokenizer = AutoTokenizer.from_pretrained(str(directory))
-        return cls(export, tokenizer, spec, backend="onnx", device=device, **backend_options)
+        scorer = cls(export, tokenizer, spec, backend="onnx", device=device, **backend_options)
+        scorer.dtype = "int8" if raw[ONNX_SECTION].get("int8") else "fp32"
+        return scorer
 
     @staticmethod
     def cascade(coarse, fine, keep: float | int = 0.2) -> CascadeScorer:

@@ -7,6 +7,10 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# The tests' tolerances are fp32's: dtype="auto" means fp32 here even on a CPU with native bf16
+# (set in the environment so that subprocesses and Ray workers started by tests inherit it)
+os.environ.setdefault("DARL_INFER_AUTO_DTYPE", "fp32")
+
 # Tiny test models are all small ops: a second thread only adds synchronisation (measured here:
 # one exactness test went from 540 s to under 2 s on a busy 2-core box).
 torch.set_num_threads(1)

@@ -5,6 +5,7 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
 
 from conftest import ragged_items
 from darl_infer import CheckpointError, Scorer
@@ -113,3 +114,32 @@ def test_cli_score_streams_pairs_in_order(tiny_checkpoints, tmp_path, rng):
     assert [r["id"] for r in rows] == list(range(23))
     want = Scorer.from_pretrained(tiny_checkpoints["llama"]).predict([(p["query"], p["item"]) for p in pairs])
     np.testing.assert_allclose([r["score"] for r in rows], want, atol=1e-5)
+
+
+def test_auto_dtype_is_bf16_only_where_the_cpu_has_it(monkeypatch):
+    from darl_infer import loading
+
+    cpu = torch.device("cpu")
+    monkeypatch.delenv(loading.AUTO_DTYPE_ENV, raising=False)
+    monkeypatch.setattr(loading, "cpu_has_native_bf16", lambda: True)
+    assert loading.resolve_dtype("auto", cpu) == torch.bfloat16
+    monkeypatch.setattr(loading, "cpu_has_native_bf16", lambda: False)
+    assert loading.resolve_dtype("auto", cpu) == torch.float32
+    monkeypatch.setenv(loading.AUTO_DTYPE_ENV, "bf16")
+    assert loading.resolve_dtype("auto", cpu) == torch.bfloat16
+    assert loading.resolve_dtype("fp32", cpu) == torch.float32  # an explicit dtype is never overridden
+    monkeypatch.setenv(loading.AUTO_DTYPE_ENV, "int4")
+    with pytest.raises(ValueError, match="DARL_INFER_AUTO_DTYPE='int4': must be fp32 or bf16"):
+        loading.resolve_dtype("auto", cpu)
+
+
+def test_scorer_dtype_says_what_auto_chose(tiny_checkpoints, monkeypatch, capsys, tmp_path):
+    monkeypatch.setenv("DARL_INFER_AUTO_DTYPE", "bf16")
+    scorer = Scorer.from_pretrained(tiny_checkpoints["llama"], backend="torch")
+    assert scorer.dtype == "bf16" and next(scorer.backend.model.parameters()).dtype == torch.bfloat16
+    assert Scorer.from_pretrained(tiny_checkpoints["llama"], backend="torch", dtype="fp32").dtype == "fp32"
+    monkeypatch.setenv("DARL_INFER_AUTO_DTYPE", "fp32")
+    items = tmp_path / "items.txt"
+    items.write_text("a b\nc d\n")
+    assert cli_main(["rank", "--query", "q", "--items", str(items), "--checkpoint", str(tiny_checkpoints["llama"])]) == 0
+    assert "dtype fp32" in capsys.readouterr().err

@@ -69,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(f"darl-infer serve: {e}") from None
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     checkpoint = str(args.checkpoint or "default")
-    info = {"checkpoint": checkpoint, "backend": args.backend, "dtype": args.dtype}  # as requested: "auto" stays "auto"
+    info = {"checkpoint": checkpoint, "backend": args.backend, "dtype": scorer.dtype}  # what "auto" chose
     if coarse is not None:
         info["cascade_coarse_checkpoint"] = str(args.cascade)
     model_id = args.model_id or (Path(args.checkpoint).name if args.checkpoint else "darl-default")
