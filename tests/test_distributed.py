@@ -111,6 +111,19 @@ def test_glob_of_files_to_jsonl(tmp_path, checkpoint):
     assert_same_scores(read_output(tmp_path / "out"), local_scores(tmp_path, tmp_path / "all.jsonl", checkpoint))
 
 
+def test_python_api_on_any_ray_dataset(tmp_path, checkpoint):
+    """score_dataset on a dataset from Ray's own reader (here a file:// URI through read_json)."""
+    from darl_infer.distributed import score_dataset
+
+    rows = write_pairs(tmp_path / "pairs.jsonl", 8, seed=7)
+    ds = ray.data.read_json(f"file://{tmp_path / 'pairs.jsonl'}")
+    scored = score_dataset(ds, checkpoint, batch_size=5).take_all()
+    assert all(row["darl_error"] is None for row in scored)
+    assert_same_scores([{k: v for k, v in row.items() if k != "darl_error"} for row in scored],
+                       local_scores(tmp_path, tmp_path / "pairs.jsonl", checkpoint))
+    assert len(scored) == len(rows)
+
+
 def test_bad_rows_go_to_errors_with_file_and_line(tmp_path, checkpoint, capsys):
     rows = write_pairs(tmp_path / "good.jsonl", 5, seed=4)
     lines = (tmp_path / "good.jsonl").read_bytes().splitlines(keepends=True)
