@@ -28,12 +28,29 @@ def iter_lines(path: str | Path):
         yield from _decoded(f, path)
 
 
+def not_utf8(raw: bytes, error: UnicodeDecodeError) -> str:
+    return f"not valid UTF-8 (byte {raw[error.start:error.start + 1]!r} at column {error.start + 1})"
+
+
+def pair_error(row) -> str | None:
+    """Why a parsed JSON value is not a pair to score (an object with string query and item, the
+    query not empty), or None."""
+    if not isinstance(row, dict):
+        return "expected a JSON object"
+    for key in ("query", "item"):
+        if not isinstance(row.get(key), str):
+            return f"field {key!r} must be a string"
+    if not row["query"].strip():
+        return "field 'query' is empty"
+    return None
+
+
 def _decoded(lines, name):
     for n, raw in enumerate(lines, start=1):
         try:
             yield n, raw.decode("utf-8")
         except UnicodeDecodeError as e:
-            raise DataError(f"{name}:{n}: not valid UTF-8 (byte {raw[e.start:e.start + 1]!r} at column {e.start + 1})") from None
+            raise DataError(f"{name}:{n}: {not_utf8(raw, e)}") from None
 
 
 def iter_rows(path: str | Path):
@@ -50,11 +67,7 @@ def iter_rows(path: str | Path):
             row = json.loads(line)
         except json.JSONDecodeError as e:
             raise DataError(f"{name}:{n}: malformed JSON ({e.msg})") from None
-        if not isinstance(row, dict):
-            raise DataError(f"{name}:{n}: expected a JSON object")
-        for key in ("query", "item"):
-            if not isinstance(row.get(key), str):
-                raise DataError(f"{name}:{n}: field {key!r} must be a string")
-        if not row["query"].strip():
-            raise DataError(f"{name}:{n}: field 'query' is empty")
+        error = pair_error(row)
+        if error is not None:
+            raise DataError(f"{name}:{n}: {error}")
         yield n, row

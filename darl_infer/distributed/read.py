@@ -18,6 +18,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from ray.data.datasource import FileBasedDatasource
 
+from ..jsonl import not_utf8, pair_error
+
 # CPUs Ray reserves for a read or write task: they wait on I/O, and a whole CPU each would leave
 # none for the scoring actors (on a 2-CPU Ray, 2 actors + 1 read task = deadlock, seen here)
 IO_TASK_CPUS = 0.25
@@ -26,30 +28,17 @@ ROWS_PER_BLOCK = 4096  # rows a reader yields at once: streaming within a file, 
 JSONL_SCHEMA = pa.schema([(name, pa.string()) for name in ("query", "item", "darl_row", "darl_source", "darl_error")])
 
 
-def row_error(row) -> str | None:
-    """Why a parsed JSONL value is not a scorable pair (the rule of jsonl.iter_rows), or None."""
-    if not isinstance(row, dict):
-        return "expected a JSON object"
-    for key in ("query", "item"):
-        if not isinstance(row.get(key), str):
-            return f"field {key!r} must be a string"
-    if not row["query"].strip():
-        return "field 'query' is empty"
-    return None
-
-
 def _jsonl_row(path: str, n: int, raw: bytes) -> dict:
     source = f"{path}:{n}"
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        return dict(query=None, item=None, darl_row=None, darl_source=source,
-                    darl_error=f"not valid UTF-8 (byte {raw[e.start:e.start + 1]!r} at column {e.start + 1})")
+        return dict(query=None, item=None, darl_row=None, darl_source=source, darl_error=not_utf8(raw, e))
     try:
         row = json.loads(text)
     except json.JSONDecodeError as e:
         return dict(query=None, item=None, darl_row=text, darl_source=source, darl_error=f"malformed JSON ({e.msg})")
-    error = row_error(row)
+    error = pair_error(row)
     return dict(query=None if error else row["query"], item=None if error else row["item"],
                 darl_row=text, darl_source=source, darl_error=error)
 
@@ -101,7 +90,7 @@ class ParquetPairs(FileBasedDatasource):
 
 
 def _parquet_errors(table: pa.Table) -> pa.Array:
-    """Why each row is not a scorable pair (the rule of row_error), or null; vectorised."""
+    """Why each row is not a pair to score (jsonl.pair_error's rule, on columns), or null; vectorised."""
     for key in ("query", "item"):
         if key not in table.column_names:
             return pa.array([f"no column {key!r}"] * table.num_rows, pa.string())

@@ -14,10 +14,9 @@ from __future__ import annotations
 
 import pyarrow as pa
 
+from ..checkpoint import resolve_checkpoint
+from ..jsonl import pair_error
 from ..pairs import score_pairs
-from .read import row_error
-
-SCORE_COLUMNS = ("score", "grade", "probs", "truncated", "darl_error")
 
 
 class ScoreBatches:
@@ -35,7 +34,7 @@ class ScoreBatches:
     def __call__(self, batch: pa.Table) -> pa.Table:
         queries, items = batch["query"].to_pylist(), batch["item"].to_pylist()
         given = batch["darl_error"].to_pylist() if "darl_error" in batch.column_names else [None] * batch.num_rows
-        errors = [given[i] or row_error({"query": queries[i], "item": items[i]}) for i in range(batch.num_rows)]
+        errors = [given[i] or pair_error({"query": queries[i], "item": items[i]}) for i in range(batch.num_rows)]
         valid = [i for i, error in enumerate(errors) if error is None]
         scored = dict(zip(valid, score_pairs(self.scorer, [queries[i] for i in valid], [items[i] for i in valid])))
         fields = [scored.get(i, {}) for i in range(batch.num_rows)]
@@ -73,6 +72,7 @@ def score_dataset(
     """
     if actors < 1 or batch_size < 1:
         raise ValueError(f"actors and batch_size must be >= 1, got {actors} and {batch_size}")
+    resolve_checkpoint(checkpoint)  # named here, not as an actor that dies at start and is retried
     import ray.data
 
     options = dict(
