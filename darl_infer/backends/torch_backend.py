@@ -15,9 +15,9 @@ from itertools import accumulate
 import torch
 
 from darl_infer.kernels.classification_head import classification_head_reference
-from darl_infer.kernels.shared_prefix_attention import shared_prefix_attention_reference
 
 from ..template import Encoded
+from .sdpa_attention import shared_prefix_attention_sdpa
 from .chunking import length_sorted_chunks, prefix_rounds
 from .prefix_cache import PrefixLRU
 from .prefix_runner import PrefixKV, PrefixRunner
@@ -53,7 +53,9 @@ def final_norm_of(decoder: torch.nn.Module) -> tuple[torch.Tensor, float, str]:
 
 class TorchBackend:
     name = "torch"
-    attention_op = staticmethod(shared_prefix_attention_reference)
+    # PyTorch's fused SDPA: the reference's math (tests/test_sdpa_attention.py) without its
+    # separate scale / mask / softmax passes and fp32 round trips (bench/RESULTS.md, issue 16)
+    attention_op = staticmethod(shared_prefix_attention_sdpa)
     head_op = staticmethod(classification_head_reference)
 
     def __init__(self, model, token_budget: int = 2048):

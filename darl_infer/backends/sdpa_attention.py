@@ -1,0 +1,49 @@
+"""Shared-prefix attention through PyTorch's fused `scaled_dot_product_attention` (the torch
+backend's op on the CPU): the same math as kernels/shared_prefix_attention.py's reference, in the
+input dtype, with the softmax, scaling and masking fused in one kernel instead of separate passes
+and fp32 round trips.
+
+Items are padded to the longest item of the call (the torch backend's chunks are length-sorted, so
+little is wasted); each item's keys are its prefix's K/V followed by its own, under one mask:
+the prefix visible (inside the sliding window), its own keys causal. A padded row of a short item
+sees the prefix, so no row is empty, and it is dropped before the result is returned.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def shared_prefix_attention_sdpa(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    prefix_k: torch.Tensor,
+    prefix_v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    scale: float,
+    sliding_window: int | None = None,
+) -> torch.Tensor:
+    """q (T, H, D), k/v (T, Hkv, D) of N packed items (`cu_seqlens`, N + 1 offsets); prefix_k/v
+    (P, Hkv, D), P may be 0. Returns (T, H, D)."""
+    T, H, D = q.shape
+    P, Hkv = prefix_k.shape[0], k.shape[1]
+    cu = cu_seqlens.to(device=q.device, dtype=torch.long)
+    lengths = cu[1:] - cu[:-1]
+    N, L = lengths.numel(), int(lengths.max()) if lengths.numel() else 0
+    slot = cu[:-1, None] + torch.arange(L, device=q.device)[None, :]  # (N, L) row of each padded position
+    real = torch.arange(L, device=q.device)[None, :] < lengths[:, None]
+    slot = torch.where(real, slot, torch.zeros_like(slot))
+    qi = q[slot].transpose(1, 2)  # (N, H, L, D)
+    ki, vi = k[slot].transpose(1, 2), v[slot].transpose(1, 2)  # (N, Hkv, L, D)
+    if P:
+        ki = torch.cat([prefix_k.transpose(0, 1).expand(N, Hkv, P, D), ki], dim=2)
+        vi = torch.cat([prefix_v.transpose(0, 1).expand(N, Hkv, P, D), vi], dim=2)
+    query_pos = torch.arange(L, device=q.device)[:, None] + P  # positions from the prefix's start
+    key_pos = torch.arange(P + L, device=q.device)[None, :]
+    visible = key_pos <= query_pos  # the prefix (key_pos < P <= query_pos) and the own causal keys
+    if sliding_window is not None:
+        visible &= key_pos > query_pos - sliding_window
+    out = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=visible, scale=scale, enable_gqa=H != Hkv)
+    return out.transpose(1, 2)[real]  # (T, H, D)
