@@ -10,7 +10,8 @@ Since the model is causal this equals full attention over prefix + item, exactly
 Shapes: q (T, H, D); k, v (T, Hkv, D); prefix_k, prefix_v (P, Hkv, D); H a multiple of Hkv
 (GQA/MQA). `sliding_window` W: a query at position p sees keys at positions > p - W (HF's rule).
 
-`shared_prefix_attention_reference` is the PyTorch version (the torch backend's attention op);
+`shared_prefix_attention_reference` is the PyTorch version (the oracle of the Triton kernel and of
+the torch backend's fused SDPA op, darl_infer/backends/sdpa_attention.py);
 `shared_prefix_attention` is the Triton kernel with the same signature (the triton backend's).
 """
 

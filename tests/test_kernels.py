@@ -1,4 +1,4 @@
-"""Each Triton kernel against its PyTorch reference (the torch backend's own op), same inputs.
+"""Each Triton kernel against its PyTorch reference, same inputs.
 
 Without CUDA the kernels run in Triton's interpreter (TRITON_INTERPRET=1, set in conftest.py).
 """
