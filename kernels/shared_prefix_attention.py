@@ -38,6 +38,15 @@ def _partial_attention(scores: torch.Tensor, v: torch.Tensor) -> tuple[torch.Ten
     return out, (row_max + torch.log(total)).squeeze(-1)
 
 
+def padded_slots(cu: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Packed items (N + 1 offsets `cu`, long) padded to the longest, L: the (N, L) row of each
+    item position (row 0 past an item's end) and the (N, L) mask of the real positions."""
+    lengths = cu[1:] - cu[:-1]
+    pos = torch.arange(int(lengths.max()) if lengths.numel() else 0, device=cu.device)
+    real = pos[None, :] < lengths[:, None]
+    return torch.where(real, cu[:-1, None] + pos[None, :], torch.zeros((), dtype=cu.dtype, device=cu.device)), real
+
+
 def shared_prefix_attention_reference(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -71,9 +80,7 @@ def shared_prefix_attention_reference(
     lse_pre = lse_pre.view(Hkv, T, G).permute(1, 0, 2).reshape(T, H)
 
     # (b) each item against its own keys, causal: pad items to L inside this op only
-    slot = cu[:-1, None] + torch.arange(L, device=q.device)[None, :]  # (N, L)
-    real = torch.arange(L, device=q.device)[None, :] < lengths[:, None]
-    slot = torch.where(real, slot, torch.zeros_like(slot))
+    slot, real = padded_slots(cu)
     qi = q[slot].view(N, L, Hkv, G, D).permute(0, 2, 3, 1, 4)  # (N, Hkv, G, L, D)
     ki = k[slot].permute(0, 2, 1, 3).unsqueeze(2)  # (N, Hkv, 1, L, D)
     vi = v[slot].permute(0, 2, 1, 3).unsqueeze(2)

@@ -38,9 +38,10 @@ def attention_inputs(prefix_len, lengths, layout, dtype, seed=0):
     return rand(T, H, D), rand(T, Hkv, D), rand(T, Hkv, D), rand(prefix_len, Hkv, D), rand(prefix_len, Hkv, D), cu, D**-0.5
 
 
-def assert_attention_matches(prefix_len, lengths, layout, dtype, sliding_window=None):
+def assert_attention_matches(prefix_len, lengths, layout, dtype, sliding_window=None, op=shared_prefix_attention):
+    """`op` (the Triton kernel unless given) equals the PyTorch reference within the dtype's tolerance."""
     args = attention_inputs(prefix_len, lengths, layout, dtype)
-    out = shared_prefix_attention(*args, sliding_window)
+    out = op(*args, sliding_window)
     expected = shared_prefix_attention_reference(*args, sliding_window)
     assert out.dtype == dtype and out.shape == expected.shape
     assert (out.float() - expected.float()).abs().max().item() <= TOLERANCE[dtype]

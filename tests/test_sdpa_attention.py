@@ -5,16 +5,11 @@ import pytest
 import torch
 
 from darl_infer.backends.sdpa_attention import shared_prefix_attention_sdpa
-from darl_infer.kernels.shared_prefix_attention import shared_prefix_attention_reference
-from test_kernels import HEAD_LAYOUTS, ITEM_LENGTHS, ODD_HEAD_DIM, TOLERANCE, attention_inputs
+from test_kernels import HEAD_LAYOUTS, ITEM_LENGTHS, ODD_HEAD_DIM, assert_attention_matches
 
 
 def assert_sdpa_matches(prefix_len, lengths, layout, dtype, sliding_window=None):
-    args = attention_inputs(prefix_len, lengths, layout, dtype)
-    out = shared_prefix_attention_sdpa(*args, sliding_window)
-    expected = shared_prefix_attention_reference(*args, sliding_window)
-    assert out.dtype == dtype and out.shape == expected.shape
-    assert (out.float() - expected.float()).abs().max().item() <= TOLERANCE[dtype]
+    assert_attention_matches(prefix_len, lengths, layout, dtype, sliding_window, op=shared_prefix_attention_sdpa)
 
 
 @pytest.mark.parametrize("layout", [*HEAD_LAYOUTS, *ODD_HEAD_DIM])

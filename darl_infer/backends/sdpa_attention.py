@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from darl_infer.kernels.shared_prefix_attention import padded_slots
+
 
 def shared_prefix_attention_sdpa(
     q: torch.Tensor,
@@ -29,12 +31,8 @@ def shared_prefix_attention_sdpa(
     (P, Hkv, D), P may be 0. Returns (T, H, D)."""
     T, H, D = q.shape
     P, Hkv = prefix_k.shape[0], k.shape[1]
-    cu = cu_seqlens.to(device=q.device, dtype=torch.long)
-    lengths = cu[1:] - cu[:-1]
-    N, L = lengths.numel(), int(lengths.max()) if lengths.numel() else 0
-    slot = cu[:-1, None] + torch.arange(L, device=q.device)[None, :]  # (N, L) row of each padded position
-    real = torch.arange(L, device=q.device)[None, :] < lengths[:, None]
-    slot = torch.where(real, slot, torch.zeros_like(slot))
+    slot, real = padded_slots(cu_seqlens.to(device=q.device, dtype=torch.long))  # (N, L) rows of the padded items
+    N, L = slot.shape
     qi = q[slot].transpose(1, 2)  # (N, H, L, D)
     ki, vi = k[slot].transpose(1, 2), v[slot].transpose(1, 2)  # (N, Hkv, L, D)
     if P:

@@ -48,6 +48,7 @@ class ScoredPairsSink(Datasink):
         if format not in ("jsonl", "parquet") or on_error not in ("skip", "fail"):
             raise ValueError(f"format must be jsonl or parquet and on_error skip or fail, got {format!r}, {on_error!r}")
         self.directory, self.format, self.on_error = Path(directory), format, on_error
+        self.counts = {"rows": 0, "errors": 0}  # what on_write_complete totals (an empty input writes nothing)
 
     def on_write_start(self, schema=None) -> None:
         (self.directory / "errors").mkdir(parents=True, exist_ok=True)
