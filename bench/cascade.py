@@ -9,6 +9,11 @@ cascade's metrics are the real `CascadeScorer` run over those per-pair probabili
 exact: an item's probabilities do not depend on the items scored with it (the Scorer contract;
 tests/test_cascade.py checks each cascade probability against its model scoring that pair alone).
 
+With --bi-encoder, the same for a distilled bi-encoder: its quality, its speed cold (item vectors
+computed inside each `rank`) and with every workload item's vector computed beforehand (the
+catalogue encoded offline, `encode_items`; what a ranking stage runs), and cascades with it (warm)
+as the coarse model.
+
 Speed: Home Depot dev queries with --items titles of the file each (seeded), each query's `rank`
 timed alone after one warm-up query; items/s over all queries and p95 ms per query. Every row in
 this one process, one after another, with torch's threads as set by --threads.
@@ -38,6 +43,7 @@ from darl_infer.training.teacher_cache import score_pairs, teacher_probs
 HERE = Path(__file__).resolve().parent
 DATA = HERE.parents[1] / "shared" / "data"
 DEV_SETS = ["qbqtc", "homedepot", "kuake_qtr"]
+BI_ENCODER = "bi-encoder (distilled)"
 
 
 class Table(Ranker):
@@ -108,6 +114,9 @@ def main() -> None:
     p.add_argument("--teacher", default=None, help="the fine model (default: the embedded default model)")
     p.add_argument("--student", required=True, help="the distilled student: the cascades' coarse model")
     p.add_argument("--control", default=None, help="the same student trained on labels only")
+    p.add_argument("--bi-encoder", default=None,
+                   help="a distilled bi-encoder: its rows cold (item vectors computed per query) and with the item "
+                        "vectors precomputed (encode_items before timing), and cascades with it as the coarse model")
     p.add_argument("--keeps", type=float, nargs="+", default=[0.1, 0.2, 0.5])
     p.add_argument("--limit", type=int, default=1000, help="dev pairs per set (seeded sample, as in training)")
     p.add_argument("--queries", type=int, default=20)
@@ -133,11 +142,23 @@ def main() -> None:
     for name in list(scorers)[1:]:
         print(f"scoring {len(shown)} evaluation pairs with {name}", flush=True)
         tables[name] = Table(scorers[name].spec, dict(zip(shown, score_pairs(scorers[name], shown))))
-    for keep in args.keeps:
-        tables[f"cascade keep {keep:.0%}"] = Scorer.cascade(tables["student (distilled)"], tables["teacher"], keep)
-        scorers[f"cascade keep {keep:.0%}"] = Scorer.cascade(scorers["student (distilled)"], scorers["teacher"], keep)
-    q = quality(tables, dev)
     workload = homedepot_workload(DATA / "homedepot" / "dev.jsonl", args.queries, args.items, seed=0)
+    coarse = {"cascade": ("student (distilled)", scorers["student (distilled)"])}
+    if args.bi_encoder:
+        name = BI_ENCODER
+        print(f"scoring {len(shown)} evaluation pairs with {name}", flush=True)
+        scorers[name] = Scorer.from_pretrained(args.bi_encoder)
+        tables[name] = Table(scorers[name].spec, dict(zip(shown, score_pairs(scorers[name], shown))))
+        # a ranking stage's catalogue: every item's vector computed offline (not timed), kept in the LRU
+        warm = Scorer.from_pretrained(args.bi_encoder, item_cache_mb=1024)
+        warm.encode_items(sorted({item for _, items in workload for item in items}))
+        scorers[f"{name}, item vectors precomputed"] = warm
+        coarse["bi-encoder cascade"] = (name, warm)
+    for prefix, (coarse_name, coarse_scorer) in coarse.items():
+        for keep in args.keeps:
+            tables[f"{prefix} keep {keep:.0%}"] = Scorer.cascade(tables[coarse_name], tables["teacher"], keep)
+            scorers[f"{prefix} keep {keep:.0%}"] = Scorer.cascade(coarse_scorer, scorers["teacher"], keep)
+    q = quality(tables, dev)
     s = {} if args.skip_speed else speed(scorers, workload)
     if args.json:
         args.json.write_text(json.dumps({"quality": q, "speed": s}, indent=2))

@@ -1,7 +1,8 @@
 """The DaRL checkpoint: a directory with `darl.json` beside an HF model folder or a PEFT adapter.
 
 darl.json holds the format version, the grade labels and values, the template, the base model
-(for adapters), and the training summary and evaluation table. Weights are safetensors only.
+(for adapters), and the training summary and evaluation table; a bi-encoder's also its
+"bi_encoder" section (bi_encoder.py). Weights are safetensors only.
 Loading validates everything and names the file and field at fault.
 """
 
@@ -21,7 +22,7 @@ SPEC_FILE = "darl.json"
 DEFAULT_MODEL_DIR = Path(__file__).parent / "default_model"
 DEFAULT_STUDENT_DIR = Path(__file__).parent / "default_student"  # the default model distilled (darl-distill)
 # darl.json's top-level keys; "onnx" is the section an ONNX export adds (backends/onnx_format.py)
-SPEC_KEYS = ("format_version", "labels", "grade_values", "template", "base_model", "training", "evaluation", "onnx")
+SPEC_KEYS = ("format_version", "labels", "grade_values", "template", "base_model", "training", "evaluation", "onnx", "bi_encoder")
 PICKLE_OF = {"model.safetensors": "pytorch_model.bin", "adapter_model.safetensors": "adapter_model.bin"}
 
 
@@ -37,6 +38,7 @@ class CheckpointSpec:
     base_model: str | None = None  # set when the weights are a PEFT adapter over this base
     training: dict = field(default_factory=dict)
     evaluation: dict = field(default_factory=dict)
+    bi_encoder: dict | None = None  # set for a bi-encoder (query and item embedded apart; bi_encoder.py)
 
     def __post_init__(self):
         if self.grade_values is None:
@@ -47,7 +49,7 @@ class CheckpointSpec:
         return len(self.labels)
 
     def to_dict(self) -> dict:
-        return {
+        d = {
             "format_version": FORMAT_VERSION,
             "labels": self.labels,
             "grade_values": self.grade_values,
@@ -56,6 +58,9 @@ class CheckpointSpec:
             "training": self.training,
             "evaluation": self.evaluation,
         }
+        if self.bi_encoder is not None:
+            d["bi_encoder"] = self.bi_encoder
+        return d
 
     def save(self, directory: str | Path) -> None:
         with atomic_file(Path(directory) / SPEC_FILE) as f:
@@ -98,6 +103,9 @@ class CheckpointSpec:
         for key in ("training", "evaluation"):
             if not isinstance(d.get(key, {}), dict):
                 raise bad(key, "must be an object")
+        bi_encoder = d.get("bi_encoder")
+        if bi_encoder is not None and not isinstance(bi_encoder, dict):
+            raise bad("bi_encoder", "must be an object or absent")
         return cls(
             labels=labels,
             grade_values=[float(v) for v in values] if values is not None else None,
@@ -105,6 +113,7 @@ class CheckpointSpec:
             base_model=base,
             training=d.get("training", {}),
             evaluation=d.get("evaluation", {}),
+            bi_encoder=bi_encoder,
         )
 
 

@@ -81,21 +81,42 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype
     )
 
 
-def load_sequence_classifier(path: str | Path, num_labels: int, dtype: torch.dtype, num_layers: int | None = None):
-    """An HF folder as a K-grade sequence classifier; safetensors only, never a pickle.
-    `num_layers`: keep only the bottom decoder layers (the others' weights are not loaded)."""
-    safetensors_weights(Path(path))
-    config = AutoConfig.from_pretrained(str(path), num_labels=num_labels)
+def truncated_config(path: str | Path, num_layers: int | None = None, **overrides):
+    """An HF folder's config; `num_layers`: only its bottom decoder layers (the others' weights are not loaded)."""
+    config = AutoConfig.from_pretrained(str(path), **overrides)
     if num_layers is not None:
         if num_layers > config.num_hidden_layers:
             raise BaseModelMissing(f"{path}: has {config.num_hidden_layers} layers, {num_layers} were asked for")
         config.num_hidden_layers = num_layers
         if getattr(config, "layer_types", None) is not None:  # HF models index it by layer position
             config.layer_types = config.layer_types[:num_layers]
+    return config
+
+
+def load_sequence_classifier(path: str | Path, num_labels: int, dtype: torch.dtype, num_layers: int | None = None):
+    """An HF folder as a K-grade sequence classifier; safetensors only, never a pickle.
+    `num_layers`: keep only the bottom decoder layers."""
+    safetensors_weights(Path(path))
+    config = truncated_config(path, num_layers, num_labels=num_labels)
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # a causal-LM base has no score head yet: that warning is expected
     try:
         return AutoModelForSequenceClassification.from_pretrained(str(path), config=config, dtype=dtype, use_safetensors=True)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+
+
+def load_base_decoder(base_model: str, dtype: torch.dtype):
+    """A base model ("NAME" or "NAME@L") as its bare decoder (no LM head): the trunk of a bi-encoder."""
+    from transformers import AutoModel
+
+    path = base_model_dir(base_model)
+    safetensors_weights(Path(path))
+    config = truncated_config(path, split_layers(base_model)[1])
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the causal LM's head weights are not used: that warning is expected
+    try:
+        return AutoModel.from_pretrained(str(path), config=config, dtype=dtype, use_safetensors=True)
     finally:
         hf_logging.set_verbosity(verbosity)
 

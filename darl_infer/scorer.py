@@ -15,6 +15,7 @@ from .backends import BACKEND_CHOICES, backend_class, check_backend_options
 from .backends.onnx_format import ONNX_SECTION, is_onnx_export
 from .backends.prefix_cache import PrefixLRU
 from .checkpoint import SPEC_FILE, CheckpointSpec, read_spec, resolve_checkpoint
+from .bi_encoder import BiEncoderScorer
 from .cascade import CascadeScorer
 from .loading import dtype_name, load_checkpoint_model, resolve_device, resolve_dtype
 from .ranking import Ranker, ScoreResult
@@ -60,6 +61,8 @@ class Scorer(Ranker):
         **backend_options,
     ) -> "Scorer":
         """Load a checkpoint directory; `None` (or "default") loads the embedded default model.
+        A bi-encoder checkpoint gives a `BiEncoderScorer` (bi_encoder.py; options `token_budget`,
+        `item_cache_mb`).
 
         Every argument and the checkpoint's darl.json are checked before the model is loaded.
         """
@@ -69,6 +72,8 @@ class Scorer(Ranker):
         resolved_dtype = resolve_dtype(dtype, resolved_device)
         directory = resolve_checkpoint(name_or_path)
         raw = read_spec(directory)
+        if raw.get("bi_encoder") is not None:
+            return cls._bi_encoder(directory, raw, backend, resolved_dtype, resolved_device, prefix_cache_mb, **backend_options)
         if is_onnx_export(raw) or backend == "onnx":
             return cls._from_onnx_export(directory, raw, backend, dtype, device, prefix_cache_mb, **backend_options)
         if backend == "auto":  # the Triton kernels on CUDA when triton imports; never on CPU (interpreter only)
@@ -100,6 +105,18 @@ class Scorer(Ranker):
         scorer = cls(export, tokenizer, spec, backend="onnx", device=device, **backend_options)
         scorer.dtype = "int8" if raw[ONNX_SECTION].get("int8") else "fp32"
         return scorer
+
+    @staticmethod
+    def _bi_encoder(directory: Path, raw: dict, backend: str, dtype, device, prefix_cache_mb, **options) -> BiEncoderScorer:
+        if backend not in ("auto", "torch"):
+            raise ValueError(f"{directory} is a bi-encoder: it runs on its own torch path; backend must be 'auto' or 'torch', not {backend!r}")
+        if prefix_cache_mb:
+            raise ValueError(f"{directory} is a bi-encoder: it keeps item vectors, not prefixes (item_cache_mb=, not prefix_cache_mb=)")
+        unknown = set(options) - {"token_budget", "item_cache_mb"}
+        if unknown:
+            raise TypeError(f"a bi-encoder has no option {sorted(unknown)[0]!r}; its options: ['token_budget', 'item_cache_mb']")
+        spec = CheckpointSpec.from_dict(raw, directory / SPEC_FILE)
+        return BiEncoderScorer.from_checkpoint(directory, spec, dtype, device, **options)
 
     @staticmethod
     def cascade(coarse, fine, keep: float | int = 0.2) -> CascadeScorer:

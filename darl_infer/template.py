@@ -56,6 +56,7 @@ class Encoded:
     suffixes: list[list[int]]  # item + answer cue, one per item
     truncated: list[bool]      # query or that item was cut to its token limit
     instruction_len: int = 0   # tokens of BOS + instruction at the start of `prefix`
+    query: list[int] = field(default_factory=list)  # the query's own tokens, cut to its limit (inside `prefix`)
     meta: dict = field(default_factory=dict)
 
 
@@ -88,16 +89,24 @@ class TemplateEncoder:
 
     def encode(self, query: str, items) -> Encoded:
         """`items`: any ordered iterable of str, read once (validate.check_items)."""
+        q, q_cut = self.query_ids(query)
+        suffixes, item_cut = self.item_suffixes(items)
+        prefix = self.instruction + self.query_label + q + self.item_label
+        truncated = [cut or q_cut for cut in item_cut]
+        return Encoded(prefix, suffixes, truncated, instruction_len=len(self.instruction), query=q)
+
+    def query_ids(self, query: str) -> tuple[list[int], bool]:
+        """The query's tokens cut to its limit, and whether it was cut."""
         check_text(query, "query")
         if not query.strip():
             raise ValueError("query is empty")
-        items = check_items(items)
         q = self._ids(query)
-        q_cut = len(q) > self.template.max_query_tokens
-        prefix = self.instruction + self.query_label + q[: self.template.max_query_tokens] + self.item_label
+        return q[: self.template.max_query_tokens], len(q) > self.template.max_query_tokens
+
+    def item_suffixes(self, items) -> tuple[list[list[int]], list[bool]]:
+        """Each item's suffix (item cut to its limit + answer cue) and whether it was cut."""
         suffixes, truncated = [], []
-        for ids in self._ids_many(items):
-            cut = len(ids) > self.template.max_item_tokens
+        for ids in self._ids_many(check_items(items)):
+            truncated.append(len(ids) > self.template.max_item_tokens)
             suffixes.append(ids[: self.template.max_item_tokens] + self.answer_cue)
-            truncated.append(cut or q_cut)
-        return Encoded(prefix, suffixes, truncated, instruction_len=len(self.instruction))
+        return suffixes, truncated

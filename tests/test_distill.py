@@ -7,13 +7,14 @@ import numpy as np
 import pytest
 import torch
 
-from darl_infer import Scorer
+from darl_infer import BiEncoderScorer, Scorer
 from darl_infer.base_models import BaseModelMissing, split_layers
 from darl_infer.loading import load_base_classifier
 from darl_infer.training import cli as train_cli
 from darl_infer.training import teacher_cache
 from darl_infer.training.data import read_pairs
 from darl_infer.training.distill import DistillConfig, distill
+from darl_infer.training.evaluate import evaluate_pairs
 from darl_infer.training.teacher_cache import teacher_probs
 from test_training import write_rule_data
 from tiny_models import make_checkpoint
@@ -47,9 +48,9 @@ def config(base, teacher, data, out, tmp_path, **overrides):
     return DistillConfig(**cfg)
 
 
-def kl_to_teacher(student_dir, teacher, pairs) -> float:
+def kl_to_teacher(student_dir, teacher, pairs, backend="reference") -> float:
     p = teacher_cache.score_pairs(Scorer.from_pretrained(teacher, backend="reference"), pairs)
-    q = teacher_cache.score_pairs(Scorer.from_pretrained(student_dir, backend="reference"), pairs)
+    q = teacher_cache.score_pairs(Scorer.from_pretrained(student_dir, backend=backend), pairs)
     return float((p * (np.log(p) - np.log(q))).sum(-1).mean())
 
 
@@ -68,6 +69,20 @@ def test_student_learns_the_teacher_and_loads_as_a_checkpoint(base, teacher, dat
     # the distilled student is closer to the teacher than the same student trained on labels
     assert kl_to_teacher(distilled, teacher, dev) < 0.5 * kl_to_teacher(control, teacher, dev)
     assert spec["evaluation"][str(data["dev"])]["n"] == 32
+
+
+def test_bi_encoder_student_learns_the_teacher_and_loads_as_a_checkpoint(base, teacher, data, tmp_path):
+    distilled = distill(config(base, teacher, data, tmp_path / "kd", tmp_path, ce_weight=0.0, student="bi-encoder", head_hidden=32))
+    control = distill(config(base, teacher, data, tmp_path / "labels", tmp_path, kl_weight=0.0, unlabeled=[],
+                             student="bi-encoder", head_hidden=32))
+    spec = json.loads((distilled / "darl.json").read_text())
+    assert spec["bi_encoder"]["head_hidden"] == 32 and spec["training"]["distill"]["student"] == "bi-encoder"
+    scorer = Scorer.from_pretrained(distilled)
+    assert isinstance(scorer, BiEncoderScorer) and len(scorer.vectors.runner.decoder.layers) == 2
+    dev = [(p.query, p.item) for p in read_pairs(data["dev"])]
+    assert kl_to_teacher(distilled, teacher, dev, "torch") < 0.5 * kl_to_teacher(control, teacher, dev, "torch")
+    # the evaluation saved in darl.json is what darl-eval's path gives for the saved checkpoint
+    assert spec["evaluation"][str(data["dev"])] == evaluate_pairs(scorer, read_pairs(data["dev"]))
 
 
 def test_teacher_probabilities_are_the_teachers_and_computed_once(teacher, data, tmp_path, monkeypatch):
@@ -114,6 +129,7 @@ def test_darl_distill_cli_writes_a_checkpoint(base, teacher, data, tmp_path, cap
     ({"kl_weight": 0.0}, "need kl_weight > 0"),
     ({"temperature": 0.0}, "temperature"),
     ({"negatives": {"ratio": 0.1, "kind": "hard"}}, "random negatives only"),
+    ({"student": "poly-encoder"}, "student must be one of"),
 ])
 def test_bad_distill_configs_are_refused_by_name(base, teacher, data, tmp_path, capsys, override, message):
     cfg = {k: v for k, v in vars(config(base, teacher, data, tmp_path / "x", tmp_path)).items() if v is not None}

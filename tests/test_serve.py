@@ -507,3 +507,16 @@ def test_cascade_requests_batched_together_equal_the_cascade_scorer(tiny_checkpo
         np.testing.assert_allclose([r["score"] for r in rows], [r["score"] for r in ranked], atol=1e-5)
         assert [r["graded_by"] for r in rows] == [r["graded_by"] for r in ranked]
         assert sum(r["graded_by"] == "fine" for r in rows) == 2  # ceil(0.4 * 5)
+
+
+def test_a_bi_encoder_checkpoint_serves_both_schemas_with_its_scores(tiny_checkpoints, rng, tmp_path):
+    from tiny_models import make_bi_encoder_checkpoint
+
+    bi = Scorer.from_pretrained(make_bi_encoder_checkpoint(tmp_path / "bi", tiny_checkpoints["llama"]), item_cache_mb=1)
+    items = ragged_items(rng, 7)
+    tei, cohere = call(create_app(bi, model_id="bi"), ("/rerank", {"query": "w1 w2", "texts": items, "raw_scores": True}),
+                       ("/v2/rerank", {"query": "w1 w2", "documents": items, "model": "bi"}))
+    ranked = bi.rank("w1 w2", items)
+    assert [r["index"] for r in tei.json()] == [r["corpus_id"] for r in ranked]
+    np.testing.assert_allclose([r["score"] for r in tei.json()], [r["score"] for r in ranked], atol=1e-5)
+    np.testing.assert_allclose([r["relevance_score"] for r in cohere.json()["results"]], [r["score"] / 2 for r in ranked], atol=1e-5)

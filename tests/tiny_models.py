@@ -81,3 +81,28 @@ def make_adapter_checkpoint(directory: Path, base_dir: Path, seed: int = 0) -> P
     model.save_pretrained(str(directory))
     CheckpointSpec(base_model=str(base_dir), template=Template(instruction="w1 w2 w3", max_item_tokens=64)).save(directory)
     return directory
+
+
+def make_bi_encoder_checkpoint(directory: Path, base_dir: Path, seed: int = 0, head_hidden: int = 32) -> Path:
+    """A bi-encoder checkpoint (darl_infer/bi_encoder.py) over the local base model folder `base_dir`:
+    a random LoRA adapter on its trunk and a random interaction head."""
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import save_file
+    from transformers import AutoModel
+
+    from darl_infer.bi_encoder import HEAD_FILE, BiEncoderSection, InteractionHead
+
+    torch.manual_seed(seed)
+    trunk = get_peft_model(AutoModel.from_pretrained(str(base_dir)), LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"]))
+    for name, p in trunk.named_parameters():  # LoRA B starts at zero: make the adapter matter
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.05)
+    head = InteractionHead(trunk.config.hidden_size, head_hidden, 3)
+    for p in head.parameters():  # logits of std ~2, like a trained head (see make_checkpoint)
+        torch.nn.init.normal_(p, std=0.15)
+    directory.mkdir(parents=True, exist_ok=True)
+    trunk.save_pretrained(str(directory))
+    save_file({k: v.contiguous() for k, v in head.state_dict().items()}, str(directory / HEAD_FILE))
+    CheckpointSpec(base_model=str(base_dir), template=Template(instruction="w1 w2 w3", max_item_tokens=64),
+                   bi_encoder=BiEncoderSection(head_hidden=head_hidden).to_dict()).save(directory)
+    return directory

@@ -15,6 +15,10 @@ packing): by default the teacher's own bottom layers, `"gemma3-270m@2"` (base_mo
 its tokenizer (Chinese text keeps its tokens; an English WordPiece student would see [UNK]s). It is
 a darl_infer checkpoint: `Scorer.from_pretrained`, `darl-eval` and `darl-infer export` take it as is.
 With `kl_weight` 0 and no `unlabeled` pool the same run is MKD's control, the student on labels only.
+
+`"student": "bi-encoder"` trains MKD's representation-based student instead: the same trunk embeds
+query and item apart and a new head grades their interaction (darl_infer/bi_encoder.py); item
+vectors can then be computed ahead of time. Same data, loss and teacher cache.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from darl_infer.checkpoint import CheckpointSpec, resolve_checkpoint
 from darl_infer.jsonl import iter_rows
 from darl_infer.template import Template
 
+from .bi_encoder_student import BiEncoderTrainee
 from .data import DataError, Pair, read_pairs
 from .loss import DaRLLoss, LossConfig, resolve_class_weights
 from .negatives import NegativesConfig
@@ -40,6 +45,7 @@ from .teacher_cache import teacher_probs
 from .train import Trainee, TrainConfig, load_sets, save_checkpoint, with_random_negatives
 
 UNLABELED = -1  # the label of a pool pair: it learns from the teacher only
+STUDENTS = ("cross-encoder", "bi-encoder")
 
 
 @dataclass
@@ -51,6 +57,8 @@ class DistillConfig(TrainConfig):
     ce_weight: float = 1.0
     steps: int | None = None                 # optimizer steps; None = `epochs` passes over all pairs
     teacher_cache: str | None = "runs/teacher_cache"
+    student: str = "cross-encoder"           # or "bi-encoder": query and item embedded apart (darl_infer/bi_encoder.py)
+    head_hidden: int = 256                   # a bi-encoder's head width
 
     @classmethod
     def load(cls, path) -> "DistillConfig":
@@ -69,6 +77,10 @@ class DistillConfig(TrainConfig):
             raise ValueError("distillation takes random negatives only (hard ones are mined between stages)")
         if self.temperature <= 0 or self.kl_weight < 0 or self.ce_weight < 0:
             raise ValueError("temperature must be > 0, kl_weight and ce_weight >= 0")
+        if self.student not in STUDENTS:
+            raise ValueError(f"student must be one of {list(STUDENTS)}, got {self.student!r}")
+        if self.head_hidden < 1:
+            raise ValueError("head_hidden must be >= 1")
         if self.kl_weight == 0 and self.unlabeled:
             raise ValueError("'unlabeled' pairs teach only through the teacher: they need kl_weight > 0")
 
@@ -122,9 +134,22 @@ def distill(config: DistillConfig):
 
     # the student speaks the teacher's template unless the config gives one
     template = Template.from_dict(config.template) if config.template else teacher_spec.template
-    trainee = Trainee(config, template, num_labels)
-    params = [p for p in trainee.peft_model.parameters() if p.requires_grad]
-    sequences = [trainee.pair_ids(p) for p in pairs]
+    if config.student == "bi-encoder":
+        trainee = BiEncoderTrainee(config, template, num_labels)
+        params = trainee.parameters()
+        sequences = trainee.sequences(pairs)
+
+        def logits_of(batch: list[int]) -> torch.Tensor:
+            return trainee.logits([sequences[i] for i in batch])
+    else:
+        trainee = Trainee(config, template, num_labels)
+        params = [p for p in trainee.peft_model.parameters() if p.requires_grad]
+        sequences = [trainee.pair_ids(p) for p in pairs]
+
+        def logits_of(batch: list[int]) -> torch.Tensor:
+            cache = trainee.runner.prefix(trainee.instruction)
+            hidden = trainee.runner.items(cache, [torch.tensor(sequences[i]) for i in batch])
+            return trainee.inner.score(hidden).float()
     labels = torch.tensor([p.label for p in pairs])
     loss_cfg = LossConfig.from_dict(config.loss)
     loss_fn = DaRLLoss(loss_cfg, resolve_class_weights(loss_cfg, [p.label for p in labelled], num_labels))
@@ -134,12 +159,9 @@ def distill(config: DistillConfig):
     deadline = None if config.time_budget_minutes is None else time.time() + 60 * config.time_budget_minutes
 
     train_started, losses, step, stopped_early = time.time(), [], 0, False
-    trainee.peft_model.train()
+    trainee.train()
     for batch in batches:
-        cache = trainee.runner.prefix(trainee.instruction)
-        hidden = trainee.runner.items(cache, [torch.tensor(sequences[i]) for i in batch])
-        logits = trainee.inner.score(hidden).float()
-        loss = distillation_loss(logits, labels[batch], None if teacher is None else teacher[batch], loss_fn, config)
+        loss = distillation_loss(logits_of(batch), labels[batch], None if teacher is None else teacher[batch], loss_fn, config)
         optimizer.step(loss)
         step += 1
         losses.append(loss.item())
@@ -155,7 +177,7 @@ def distill(config: DistillConfig):
         "config": asdict(config),
         "loss": loss_cfg.to_dict(),
         "distill": {
-            "teacher": config.teacher or "default", "teacher_base_model": teacher_spec.base_model,
+            "teacher": config.teacher or "default", "teacher_base_model": teacher_spec.base_model, "student": config.student,
             "temperature": config.temperature, "kl_weight": config.kl_weight, "ce_weight": config.ce_weight,
             "labelled_pairs": len(labelled), "unlabeled_pairs": len(unlabeled),
             "teacher_seconds": round(teacher_seconds, 1),

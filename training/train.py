@@ -158,6 +158,12 @@ class Trainee:
             self.frozen = FrozenSplit(self.runner.decoder, top[0])
             self.store = StateStore(config.frozen_cache, config.base_model, top[0], self.instruction)
 
+    def train(self) -> None:
+        self.peft_model.train()
+
+    def save_weights(self, directory: Path) -> None:
+        self.peft_model.save_pretrained(str(directory))
+
     def pair_ids(self, p: Pair) -> list[int]:
         """A pair's tokens after the shared instruction, exactly as the Scorer encodes them."""
         enc = self.encoder.encode(p.query, [p.item])
@@ -346,12 +352,13 @@ def train(config: TrainConfig) -> Path:
     return save_checkpoint(config, trainee, template, training, dev_sets)
 
 
-def save_checkpoint(config: TrainConfig, trainee: Trainee, template: Template, training: dict, dev_sets: dict) -> Path:
+def save_checkpoint(config: TrainConfig, trainee, template: Template, training: dict, dev_sets: dict) -> Path:
     """Write beside the output directory, then rename: a checkpoint appears whole or not at all."""
     output = Path(config.output_dir)
     with atomic_dir(output, replace=True) as partial:
-        trainee.peft_model.save_pretrained(str(partial))
-        spec = CheckpointSpec(labels=config.labels, template=template, base_model=config.base_model, training=training)
+        trainee.save_weights(partial)
+        spec = CheckpointSpec(labels=config.labels, template=template, base_model=config.base_model, training=training,
+                              bi_encoder=getattr(trainee, "section", None) and trainee.section.to_dict())
         spec.save(partial)
         if dev_sets and trainee.frozen is not None:
             spec.evaluation = {path: trainee.evaluate(pairs, spec.grade_values) for path, pairs in dev_sets.items()}

@@ -34,6 +34,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="tokens (each query's prefix once + items) the worker scores in one step")
     p.add_argument("--prefix-cache-mb", type=int, default=d.prefix_cache_mb,
                    help="MiB of recent prefixes' K/V kept for repeated queries (torch and triton backends; 0: none)")
+    p.add_argument("--item-cache-mb", type=int, default=0,
+                   help="MiB of item vectors a bi-encoder checkpoint keeps between requests (the catalogue's hot items; 0: none)")
     p.add_argument("--cascade", default=None, metavar="COARSE",
                    help="a fast checkpoint (e.g. default-student) that grades every document first, on a worker of its own")
     p.add_argument("--keep", type=keep_value, default=0.2,
@@ -49,6 +51,7 @@ def run(args: argparse.Namespace) -> int:
     except ImportError:
         raise SystemExit(EXTRA_HINT) from None
     from darl_infer import Scorer
+    from darl_infer.bi_encoder import is_bi_encoder
 
     from .app import create_app
 
@@ -58,12 +61,12 @@ def run(args: argparse.Namespace) -> int:
             max_concurrent_requests=args.max_concurrent_requests, max_batch_tokens=args.max_batch_tokens,
             prefix_cache_mb=args.prefix_cache_mb,
         )
-        scorer = Scorer.from_pretrained(
-            args.checkpoint, backend=args.backend, dtype=args.dtype, prefix_cache_mb=limits.prefix_cache_mb
-        )
-        coarse = None if args.cascade is None else Scorer.from_pretrained(
-            args.cascade, backend=args.backend, dtype=args.dtype, prefix_cache_mb=limits.prefix_cache_mb
-        )
+        def load(checkpoint):  # a bi-encoder keeps item vectors, the others prefixes
+            cache = {"item_cache_mb": args.item_cache_mb} if is_bi_encoder(checkpoint) else {"prefix_cache_mb": limits.prefix_cache_mb}
+            return Scorer.from_pretrained(checkpoint, backend=args.backend, dtype=args.dtype, **cache)
+
+        scorer = load(args.checkpoint)
+        coarse = None if args.cascade is None else load(args.cascade)
     # bad flag values (a prefix cache for a backend that keeps none), an unknown backend, a broken checkpoint
     except (ValueError, OSError) as e:
         raise SystemExit(f"darl-infer serve: {e}") from None
