@@ -7,7 +7,7 @@ setup(
     python_requires=">=3.11",
     packages=["darl_infer", "darl_infer.backends", "darl_infer.kernels", "darl_infer.training", "darl_infer.serve", "darl_infer.distributed"],
     package_dir={"darl_infer": "darl_infer", "darl_infer.kernels": "kernels", "darl_infer.training": "training"},
-    package_data={"darl_infer": ["default_model/*", "default_student/*", "examples/*"]},
+    package_data={"darl_infer": ["default_model/*", "default_student/*", "default_bi_encoder/*", "examples/*"]},
     install_requires=[
         "torch>=2.4",  # install torch==2.13.0 first on CPU machines (see README) to avoid the CUDA build
         "transformers>=5.0,<6",  # 4.x converts the GGUF tokenizers wrongly

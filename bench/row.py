@@ -60,7 +60,18 @@ def pair_batches(query: dict):
 # --- darl_infer backends -------------------------------------------------------------------------
 
 
-def darl_row(backend: str):
+def compile_mlps(model) -> None:
+    """torch.compile (inductor's CPU codegen) on each decoder layer's MLP: gate and up projections,
+    the activation and the product fused around the matmuls. Shapes vary with every call, hence
+    dynamic=True (one compilation, at the warm-up). The attention keeps its hook (eager)."""
+    import torch
+
+    decoder = getattr(model, model.base_model_prefix)
+    for layer in decoder.layers:
+        layer.mlp = torch.compile(layer.mlp, dynamic=True)
+
+
+def darl_row(backend: str, compiled: bool = False):
     def load(args, case):
         import dataclasses
 
@@ -84,6 +95,8 @@ def darl_row(backend: str):
         else:
             model, tokenizer = load_checkpoint_model(Path(args.checkpoint), spec, torch_dtype(args.dtype), torch.device("cpu"))
             scorer = Scorer(model, tokenizer, spec, backend=backend)
+            if compiled:
+                compile_mlps(model)
         for q in case["queries"]:  # the Scorer encodes text itself: check it gets the workload's ids
             enc = scorer.encoder.encode(q["query"], q["items"])
             if enc.prefix != q["prefix"] or enc.suffixes != q["suffixes"]:
@@ -191,6 +204,7 @@ def export_optimum(hf_dir: str, out_dir: str) -> None:
 ROWS = {
     "reference": darl_row("reference"),
     "torch": darl_row("torch"),
+    "torch-compiled": darl_row("torch", compiled=True),
     "onnx": darl_row("onnx"),
     "onnx-int8": darl_row("onnx"),  # the same backend on the int8 export that --onnx-export names
     "hf-pairwise": hf_pairwise,

@@ -21,6 +21,7 @@ FORMAT_VERSION = 1
 SPEC_FILE = "darl.json"
 DEFAULT_MODEL_DIR = Path(__file__).parent / "default_model"
 DEFAULT_STUDENT_DIR = Path(__file__).parent / "default_student"  # the default model distilled (darl-distill)
+DEFAULT_BI_ENCODER_DIR = Path(__file__).parent / "default_bi_encoder"  # the same, into a bi-encoder (bi_encoder.py)
 # darl.json's top-level keys; "onnx" is the section an ONNX export adds (backends/onnx_format.py)
 SPEC_KEYS = ("format_version", "labels", "grade_values", "template", "base_model", "training", "evaluation", "onnx", "bi_encoder")
 PICKLE_OF = {"model.safetensors": "pytorch_model.bin", "adapter_model.safetensors": "adapter_model.bin"}
@@ -133,11 +134,13 @@ def read_spec(directory: str | Path) -> dict:
 
 def resolve_checkpoint(name_or_path: str | Path | None) -> Path:
     """The checkpoint directory: `None` or "default" is the embedded default model, "default-student"
-    its embedded distilled student."""
+    its embedded distilled student, "default-bi-encoder" its embedded distilled bi-encoder."""
     if name_or_path is None or name_or_path == "default":
         return DEFAULT_MODEL_DIR
     if name_or_path == "default-student":
         return DEFAULT_STUDENT_DIR
+    if name_or_path == "default-bi-encoder":
+        return DEFAULT_BI_ENCODER_DIR
     path = Path(name_or_path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: checkpoint directory not found")

@@ -12,10 +12,11 @@ import pytest
 import torch
 from peft import PeftModel
 from safetensors.torch import load_file
-from transformers import AutoModel, AutoTokenizer
+from transformers import AutoConfig, AutoModel, AutoTokenizer
 
 from conftest import ragged_items
 from darl_infer import BiEncoderScorer, Scorer
+from darl_infer.base_models import base_model_dir, split_layers
 from darl_infer.checkpoint import CheckpointError
 from tiny_models import make_bi_encoder_checkpoint, make_checkpoint, random_text
 
@@ -35,8 +36,15 @@ class Oracle:
     def __init__(self, directory):
         spec = json.loads((directory / "darl.json").read_text())
         self.template = spec["template"]
-        self.tokenizer = AutoTokenizer.from_pretrained(spec["base_model"])
-        trunk = AutoModel.from_pretrained(spec["base_model"], attn_implementation="eager")
+        base = base_model_dir(spec["base_model"])  # a folder, or a registered name such as "gemma3-270m@2"
+        self.tokenizer = AutoTokenizer.from_pretrained(str(base))
+        config = AutoConfig.from_pretrained(str(base))
+        layers = split_layers(spec["base_model"])[1]
+        if layers is not None:  # the bottom layers only, as NAME@L says
+            config.num_hidden_layers = layers
+            if getattr(config, "layer_types", None) is not None:
+                config.layer_types = config.layer_types[:layers]
+        trunk = AutoModel.from_pretrained(str(base), config=config, attn_implementation="eager")
         self.trunk = PeftModel.from_pretrained(trunk, str(directory)).merge_and_unload().eval()
         self.head = load_file(str(directory / "head.safetensors"))
         bos = self.tokenizer.bos_token_id  # as the tokenizer itself does: only if it adds one

@@ -36,7 +36,10 @@ def reference():
 
 @pytest.mark.parametrize("dtype, tol", [("fp32", 1e-5), ("bf16", 2e-2)])
 def test_default_model_torch_matches_reference(reference, dtype, tol):
-    ref = reference.score(QUERY, ITEMS) if dtype == "fp32" else Scorer.from_pretrained(backend="reference", dtype=dtype).score(QUERY, ITEMS)
+    """Against the fp32 oracle in both dtypes: bf16's tolerance bounds the bf16 error, not the gap
+    between two bf16 computations that round in different places (on these items the HF reference
+    in bf16 and the torch backend in bf16 are each within 0.012 of the oracle but 0.023 apart)."""
+    ref = reference.score(QUERY, ITEMS)
     fast = Scorer.from_pretrained(backend="torch", dtype=dtype, token_budget=40)
     got = fast.score(QUERY, ITEMS)
     assert np.abs(got.probs - ref.probs).max() <= tol
