@@ -62,6 +62,27 @@ def workload(path: Path, n: int, seed: int) -> list[dict]:
     return [{"query": rng.choice(queries), "texts": rng.sample(titles, rng.randint(20, 100)), "raw_scores": True} for _ in range(n)]
 
 
+def token_bound(requests: list[dict], checkpoint: str | None) -> str:
+    """Tokens per item that the peer (every pair whole) and darl (each request's prefix once) run.
+    On a CPU, where batching requests adds no FLOPs, their ratio bounds darl's capacity over the
+    peer's (attention aside)."""
+    from transformers import AutoTokenizer
+
+    from darl_infer.base_models import base_model_dir
+    from darl_infer.checkpoint import CheckpointSpec, resolve_checkpoint
+
+    directory = resolve_checkpoint(checkpoint)
+    spec = CheckpointSpec.load(directory)
+    tokenizer = AutoTokenizer.from_pretrained(str(directory if spec.base_model is None else base_model_dir(spec.base_model)))
+    encoded = [spec.template.encoder(tokenizer).encode(r["query"], r["texts"]) for r in requests]
+    prefix = sum(len(e.prefix) for e in encoded) / len(encoded)
+    items = sum(len(e.suffixes) for e in encoded) / len(encoded)
+    suffix = sum(len(s) for e in encoded for s in e.suffixes) / (items * len(encoded))
+    peer, darl = prefix + suffix, suffix + prefix / items
+    return (f"{len(encoded)} requests, {items:.1f} items each; prefix {prefix:.1f} tokens, item suffix {suffix:.1f}: "
+            f"the peer runs {peer:.1f} tokens per item, darl {darl:.1f}; bound {peer / darl:.2f}x")
+
+
 def cpu_model() -> str:
     return next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), platform.machine())
 
@@ -245,12 +266,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=None, help="markdown report (default: stdout)")
     p.add_argument("--json", type=Path, default=None, help="every step's raw figures")
     p.add_argument("--logs", type=Path, default=Path("/tmp/darl_load_logs"))
+    p.add_argument("--token-bound", action="store_true",
+                   help="only count the tokens per item each server runs on this workload (the CPU capacity bound) and exit")
     args = p.parse_args(argv)
     if not args.data.is_file():
         print(f"skipped: {args.data} not found (the load test needs the Home Depot dev file)", file=sys.stderr)
         return 0
     args.factors = sorted(args.factors)
     requests = workload(args.data, args.requests, seed=0)
+    if args.token_bound:
+        print(token_bound(requests, args.checkpoint))
+        return 0
     bodies, items = [json.dumps(r).encode() for r in requests], [len(r["texts"]) for r in requests]
     args.logs.mkdir(parents=True, exist_ok=True)
     checkpoint = ["--checkpoint", args.checkpoint] if args.checkpoint else []

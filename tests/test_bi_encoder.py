@@ -168,3 +168,10 @@ def test_bad_bi_encoder_checkpoints_and_options_are_named(bi_encoder, tmp_path):
     (broken / "head.safetensors").unlink()
     with pytest.raises(CheckpointError, match=r"head\.safetensors: missing"):
         Scorer.from_pretrained(broken)
+
+
+def test_onnx_export_refuses_a_bi_encoder_by_name(bi_encoder, tmp_path):
+    onnx_export = pytest.importorskip("darl_infer.backends.onnx_export")
+    with pytest.raises(CheckpointError, match="a bi-encoder checkpoint; the ONNX exporter handles cross-encoder"):
+        onnx_export.export(bi_encoder, tmp_path / "onnx")
+    assert not (tmp_path / "onnx").exists()

@@ -246,6 +246,8 @@ def export(
     raw = read_spec(source)
     if is_onnx_export(raw):
         raise CheckpointError(f"{source / SPEC_FILE}: already an ONNX export")
+    if raw.get("bi_encoder") is not None:  # its graphs would be text -> vector, not prefix/items -> grades
+        raise CheckpointError(f"{source}: a bi-encoder checkpoint; the ONNX exporter handles cross-encoder checkpoints only")
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):  # before the slow part; atomic_dir checks again at the end
         raise FileExistsError(f"{out}: exists and is not empty; remove it or choose another directory")

@@ -73,6 +73,9 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     checkpoint = str(args.checkpoint or "default")
     info = {"checkpoint": checkpoint, "backend": args.backend, "dtype": scorer.dtype}  # what "auto" chose
+    if any(is_bi_encoder(c) for c in [args.checkpoint] + ([args.cascade] if args.cascade is not None else [])):
+        # its LRU holds item vectors: the prefix-cache counters of /metrics count those hits
+        info["item_cache_mb"] = args.item_cache_mb
     if coarse is not None:
         info["cascade_coarse_checkpoint"] = str(args.cascade)
     model_id = args.model_id or (Path(args.checkpoint).name if args.checkpoint else "darl-default")
