@@ -32,8 +32,6 @@ from torch import nn
 
 from .backends.chunking import length_sorted_chunks
 from .backends.prefix_cache import PrefixLRU
-from .backends.prefix_runner import AttentionOp, PrefixRunner
-from .backends.sdpa_attention import shared_prefix_attention_sdpa
 from .base_models import base_model_dir
 from .checkpoint import (
     SPEC_FILE, CheckpointError, CheckpointSpec, check_tokenizer, read_spec, resolve_checkpoint, safetensors_weights,
@@ -95,8 +93,13 @@ class InteractionHead(nn.Module):
 class TextVectors:
     """Vectors of texts that all continue one prefix, in as few packed passes as the token budget allows."""
 
-    def __init__(self, decoder: nn.Module, token_budget: int, attention_op: AttentionOp):
-        self.runner = PrefixRunner(decoder, attention_op)
+    def __init__(self, decoder: nn.Module, token_budget: int, attention_op=None):
+        """`attention_op`: the shared-prefix attention (None: PyTorch's fused SDPA, as the torch backend)."""
+        # imported here: the runner pulls in the kernels package, which `import darl_infer` must not
+        from .backends.prefix_runner import PrefixRunner
+        from .backends.sdpa_attention import shared_prefix_attention_sdpa
+
+        self.runner = PrefixRunner(decoder, attention_op or shared_prefix_attention_sdpa)
         self.hidden_size = decoder.config.hidden_size
         self.token_budget = token_budget
 
@@ -124,7 +127,7 @@ class BiEncoderScorer(Ranker):
         check_int(item_cache_mb, "item_cache_mb", 0)
         self.spec = spec
         self.encoder = spec.template.encoder(tokenizer)
-        self.vectors = TextVectors(decoder, token_budget, shared_prefix_attention_sdpa)
+        self.vectors = TextVectors(decoder, token_budget)
         self.head = head
         self.dtype = dtype_name(decoder)
         self.grade_values = torch.tensor(spec.grade_values, dtype=torch.float32)
