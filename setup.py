@@ -6,7 +6,8 @@ setup(
     description="Train and serve LLM search-relevance models (DaRL) with exact shared-prefix scoring",
     python_requires=">=3.11",
     packages=["darl_infer", "darl_infer.backends", "darl_infer.kernels", "darl_infer.training", "darl_infer.serve", "darl_infer.distributed"],
-    package_dir={"darl_infer": "darl_infer", "darl_infer.kernels": "kernels", "darl_infer.training": "training"},
+    # darl_infer/kernels is a link to kernels/ (a folder without __init__.py: see kernels/README.md)
+    package_dir={"darl_infer": "darl_infer", "darl_infer.training": "training"},
     package_data={"darl_infer": ["default_model/*", "default_student/*", "default_bi_encoder/*", "examples/*"]},
     install_requires=[
         "torch>=2.4",  # install torch==2.13.0 first on CPU machines (see README) to avoid the CUDA build

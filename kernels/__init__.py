@@ -1,1 +1,0 @@
-"""Kernels for darl_infer; each op sits beside its PyTorch reference with the same signature."""
