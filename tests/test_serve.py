@@ -2,6 +2,7 @@
 batching (concurrent == sequential, one prefix run per query), overload, a failing step, a client
 that leaves, and a real uvicorn server (the official Cohere client, SIGTERM)."""
 
+import argparse
 import asyncio
 import json
 import os
@@ -520,3 +521,23 @@ def test_a_bi_encoder_checkpoint_serves_both_schemas_with_its_scores(tiny_checkp
     assert [r["index"] for r in tei.json()] == [r["corpus_id"] for r in ranked]
     np.testing.assert_allclose([r["score"] for r in tei.json()], [r["score"] for r in ranked], atol=1e-5)
     np.testing.assert_allclose([r["relevance_score"] for r in cohere.json()["results"]], [r["score"] / 2 for r in ranked], atol=1e-5)
+
+
+def test_serve_cache_flags_go_to_the_model_that_keeps_that_cache(tiny_checkpoints, tmp_path):
+    from tiny_models import make_bi_encoder_checkpoint
+
+    from darl_infer.bi_encoder import BiEncoderScorer
+    from darl_infer.serve.cli import add_arguments, load_models, serve_main
+
+    bi = make_bi_encoder_checkpoint(tmp_path / "bi", tiny_checkpoints["llama"])
+    cross = str(tiny_checkpoints["qwen2"])
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--checkpoint", cross, "--cascade", str(bi), "--item-cache-mb", "2", "--prefix-cache-mb", "3"])
+    fine, coarse, bi_encoders = load_models(args, Limits(prefix_cache_mb=3))
+    assert isinstance(coarse, BiEncoderScorer) and bi_encoders == 1
+    assert coarse.prefix_cache_stats()["max_bytes"] == 2 * 2**20 and fine.prefix_cache_stats()["max_bytes"] == 3 * 2**20
+    with pytest.raises(SystemExit, match="--item-cache-mb keeps a bi-encoder's item vectors; neither"):
+        serve_main(["--checkpoint", cross, "--item-cache-mb", "8"])
+    with pytest.raises(SystemExit, match="--prefix-cache-mb keeps prefixes' K/V, which a bi-encoder has none of"):
+        serve_main(["--checkpoint", str(bi), "--prefix-cache-mb", "8"])

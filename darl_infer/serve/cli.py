@@ -43,6 +43,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--graceful-timeout", type=int, default=30, help="seconds to finish in-flight requests after SIGTERM")
 
 
+def load_models(args: argparse.Namespace, limits: Limits):
+    """(the checkpoint's scorer, the --cascade coarse scorer or None, how many are bi-encoders).
+    A bi-encoder keeps item vectors (--item-cache-mb), the others prefixes (--prefix-cache-mb); a
+    cache flag that no loaded model would use is an error, not silently ignored."""
+    from darl_infer import Scorer
+    from darl_infer.bi_encoder import is_bi_encoder
+
+    checkpoints = [args.checkpoint] + ([args.cascade] if args.cascade is not None else [])
+    kinds = [is_bi_encoder(c) for c in checkpoints]
+    if args.item_cache_mb and not any(kinds):
+        raise ValueError("--item-cache-mb keeps a bi-encoder's item vectors; neither --checkpoint nor --cascade is one")
+    if limits.prefix_cache_mb and all(kinds):
+        raise ValueError("--prefix-cache-mb keeps prefixes' K/V, which a bi-encoder has none of (use --item-cache-mb)")
+    scorers = [
+        Scorer.from_pretrained(c, backend=args.backend, dtype=args.dtype,
+                               **({"item_cache_mb": args.item_cache_mb} if bi else {"prefix_cache_mb": limits.prefix_cache_mb}))
+        for c, bi in zip(checkpoints, kinds)
+    ]
+    return scorers[0], (scorers[1] if args.cascade is not None else None), sum(kinds)
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         import fastapi  # noqa: F401
@@ -50,9 +71,6 @@ def run(args: argparse.Namespace) -> int:
         import uvicorn
     except ImportError:
         raise SystemExit(EXTRA_HINT) from None
-    from darl_infer import Scorer
-    from darl_infer.bi_encoder import is_bi_encoder
-
     from .app import create_app
 
     try:
@@ -61,20 +79,14 @@ def run(args: argparse.Namespace) -> int:
             max_concurrent_requests=args.max_concurrent_requests, max_batch_tokens=args.max_batch_tokens,
             prefix_cache_mb=args.prefix_cache_mb,
         )
-        def load(checkpoint):  # a bi-encoder keeps item vectors, the others prefixes
-            cache = {"item_cache_mb": args.item_cache_mb} if is_bi_encoder(checkpoint) else {"prefix_cache_mb": limits.prefix_cache_mb}
-            return Scorer.from_pretrained(checkpoint, backend=args.backend, dtype=args.dtype, **cache)
-
-        scorer = load(args.checkpoint)
-        coarse = None if args.cascade is None else load(args.cascade)
+        scorer, coarse, bi_encoders = load_models(args, limits)
     # bad flag values (a prefix cache for a backend that keeps none), an unknown backend, a broken checkpoint
     except (ValueError, OSError) as e:
         raise SystemExit(f"darl-infer serve: {e}") from None
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     checkpoint = str(args.checkpoint or "default")
     info = {"checkpoint": checkpoint, "backend": args.backend, "dtype": scorer.dtype}  # what "auto" chose
-    if any(is_bi_encoder(c) for c in [args.checkpoint] + ([args.cascade] if args.cascade is not None else [])):
-        # its LRU holds item vectors: the prefix-cache counters of /metrics count those hits
+    if bi_encoders:  # its LRU holds item vectors: the prefix-cache counters of /metrics count those hits
         info["item_cache_mb"] = args.item_cache_mb
     if coarse is not None:
         info["cascade_coarse_checkpoint"] = str(args.cascade)
