@@ -58,6 +58,8 @@ def test_default_bi_encoder_is_small_and_equals_each_text_alone_through_hf():
     assert got.truncated.tolist() == [False, False, False, True, False]
     np.testing.assert_array_equal(scorer.score(QUERY, ITEMS[::-1]).probs[::-1], got.probs)  # from the item cache
     np.testing.assert_allclose(scorer.score_vectors(QUERY, scorer.encode_items(ITEMS)).probs, got.probs, atol=1e-6)
+    bf16 = Scorer.from_pretrained("default-bi-encoder", dtype="bf16")  # the trunk in bf16, vectors and head in fp32
+    assert bf16.dtype == "bf16" and np.abs(bf16.score(QUERY, ITEMS).probs - got.probs).max() <= 2e-2
     # a ranking model at all: the drill above the paint and the faucet
     assert got.scores[0] > max(got.scores[1], got.scores[4])
 
