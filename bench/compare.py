@@ -13,6 +13,7 @@ so its peak RSS is its own:
   torch, onnx   darl_infer, the prefix once per query and the items against it
   onnx-int8     opt-in (--rows): the onnx row on a dynamic-int8 export (lossy: Δprob reported, no tolerance)
   torch-compiled  opt-in (--rows): the torch row with each decoder layer's MLP under torch.compile (inductor)
+  torch-int8    opt-in (--rows): the torch row with the decoder's Linear layers in torch.ao dynamic int8 (lossy)
 Columns: items/s, p50/p95 ms per query, peak RSS, max |Δprob| against the oracle (reference fp32)
 and whether that is within the backend's tolerance, useful GFLOP per item (pairwise rows run the
 prefix for every pair, darl_infer once per query) and the fraction of the machine's measured
@@ -47,10 +48,11 @@ from darl_infer.loading import load_checkpoint_model
 from workload import CACHE, FlopModel, build_cases, checkpoint_cache, darl_onnx_export, matmul_peak, merged_hf_folder
 
 HERE = Path(__file__).resolve().parent
-ROWS = ["hf-pairwise", "crossencoder", "ort-pairs", "optimum", "reference", "torch", "torch-compiled", "onnx", "onnx-int8"]
-FP32_ONLY = {"ort-pairs", "optimum", "onnx", "onnx-int8"}  # exported graphs run in the precision they were exported in
-SHARED_PREFIX = {"torch", "torch-compiled", "onnx", "onnx-int8"}  # rows that run the prefix once per query
-LOSSY = {"onnx-int8"}
+ROWS = ["hf-pairwise", "crossencoder", "ort-pairs", "optimum", "reference", "torch", "torch-compiled", "torch-int8", "onnx", "onnx-int8"]
+# exported graphs run in the precision they were exported in; int8 rows quantize fp32 weights
+FP32_ONLY = {"ort-pairs", "optimum", "onnx", "onnx-int8", "torch-int8"}
+SHARED_PREFIX = {"torch", "torch-compiled", "torch-int8", "onnx", "onnx-int8"}  # rows that run the prefix once per query
+LOSSY = {"onnx-int8", "torch-int8"}
 OPT_IN = LOSSY | {"torch-compiled"}  # rows run only when --rows names them
 TOLERANCE = {"fp32": 1e-5, "bf16": 2e-2}
 ORT_TOLERANCE = 1e-4  # ONNX Runtime rows, fp32
@@ -159,7 +161,7 @@ def plan(args) -> list[tuple[str, int, str, int]]:
     jobs = []
     for t in longest_first:
         jobs += [("fp32", t, "reference", n_pair), ("fp32", t, "hf-pairwise", n_pair), ("fp32", t, "torch", n_pair)]
-        jobs += [("fp32", t, row, n) for row in ("torch", "torch-compiled", "onnx", "onnx-int8") if t > 0]
+        jobs += [("fp32", t, row, n) for row in ("torch", "torch-compiled", "torch-int8", "onnx", "onnx-int8") if t > 0]
         jobs += [("fp32", t, row, n_pair) for row in ("onnx", "onnx-int8") if t == 0]
     bf16_first = ["torch", "torch-compiled", "hf-pairwise"]
     jobs += [("bf16", t, row, args.bf16_items) for t in args.bf16_instruction_tokens for row in bf16_first if row in args.bf16_rows]
@@ -180,7 +182,7 @@ def main() -> None:
     bf16_rows = [row for row in ROWS if row not in FP32_ONLY]
     ap.add_argument("--bf16-rows", nargs="*", default=bf16_rows, choices=bf16_rows)
     ap.add_argument("--rows", nargs="+", default=[row for row in ROWS if row not in OPT_IN], choices=ROWS,
-                    help="rows to run (default: all but the opt-in onnx-int8 and torch-compiled)")
+                    help="rows to run (default: all but the opt-in onnx-int8, torch-compiled and torch-int8)")
     ap.add_argument("--repeats", type=int, default=1, help="times each query is scored")
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="threads of every row and of the matmul peak")
     ap.add_argument("--optimum-python", default=DEFAULT_OPTIMUM_PYTHON)

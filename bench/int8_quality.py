@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-import warnings
 from datetime import datetime, timezone
 
 import numpy as np
@@ -24,6 +23,7 @@ import torch
 
 from cascade import DATA, DEV_SETS, Table, homedepot_workload, quality, speed
 from compare import machine
+from row import quantize_decoder_int8
 from darl_infer import Scorer
 from darl_infer.checkpoint import resolve_checkpoint
 from darl_infer.training.data import read_pairs
@@ -32,13 +32,9 @@ from darl_infer.training.teacher_cache import score_pairs, teacher_probs
 
 
 def int8_scorer(directory) -> Scorer:
-    """The checkpoint with torch.ao's dynamic int8 in every nn.Linear of the decoder stack (weights
-    per output channel, activations per tensor from each call's range; x86/fbgemm kernels); the
-    classification head stays fp32 (the fused head reads its weight)."""
+    """The checkpoint with the decoder's Linear layers in dynamic int8 (row.quantize_decoder_int8)."""
     scorer = Scorer.from_pretrained(directory, dtype="fp32", backend="torch")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # torch.ao.quantization announces its move to torchao
-        torch.ao.quantization.quantize_dynamic(scorer.backend.model.model, {torch.nn.Linear}, dtype=torch.qint8, inplace=True)
+    quantize_decoder_int8(scorer.backend.model)
     return scorer
 
 

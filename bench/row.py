@@ -60,6 +60,19 @@ def pair_batches(query: dict):
 # --- darl_infer backends -------------------------------------------------------------------------
 
 
+def quantize_decoder_int8(model) -> None:
+    """torch.ao's dynamic int8 in every nn.Linear of the decoder stack (weights per output channel,
+    activations per tensor from each call's range; x86/fbgemm kernels); the classification head
+    stays fp32 (the fused head reads its weight). Lossy: bench/RESULTS.md, "int8"."""
+    import warnings
+
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao.quantization announces its move to torchao
+        torch.ao.quantization.quantize_dynamic(getattr(model, model.base_model_prefix), {torch.nn.Linear}, dtype=torch.qint8, inplace=True)
+
+
 def compile_mlps(model) -> None:
     """torch.compile (inductor's CPU codegen) on each decoder layer's MLP: gate and up projections,
     the activation and the product fused around the matmuls. Shapes vary with every call, hence
@@ -71,7 +84,9 @@ def compile_mlps(model) -> None:
         layer.mlp = torch.compile(layer.mlp, dynamic=True)
 
 
-def darl_row(backend: str, compiled: bool = False):
+def darl_row(backend: str, prepare=None):
+    """`prepare(model)`: what a variant of the row does to the loaded model first (compile, quantize)."""
+
     def load(args, case):
         import dataclasses
 
@@ -95,8 +110,8 @@ def darl_row(backend: str, compiled: bool = False):
         else:
             model, tokenizer = load_checkpoint_model(Path(args.checkpoint), spec, torch_dtype(args.dtype), torch.device("cpu"))
             scorer = Scorer(model, tokenizer, spec, backend=backend)
-            if compiled:
-                compile_mlps(model)
+            if prepare is not None:
+                prepare(model)
         for q in case["queries"]:  # the Scorer encodes text itself: check it gets the workload's ids
             enc = scorer.encoder.encode(q["query"], q["items"])
             if enc.prefix != q["prefix"] or enc.suffixes != q["suffixes"]:
@@ -204,7 +219,8 @@ def export_optimum(hf_dir: str, out_dir: str) -> None:
 ROWS = {
     "reference": darl_row("reference"),
     "torch": darl_row("torch"),
-    "torch-compiled": darl_row("torch", compiled=True),
+    "torch-compiled": darl_row("torch", compile_mlps),
+    "torch-int8": darl_row("torch", quantize_decoder_int8),
     "onnx": darl_row("onnx"),
     "onnx-int8": darl_row("onnx"),  # the same backend on the int8 export that --onnx-export names
     "hf-pairwise": hf_pairwise,
