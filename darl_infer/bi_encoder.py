@@ -174,9 +174,9 @@ class BiEncoderScorer(Ranker):
                 found[key] = vector
         missing = [key for key in dict.fromkeys(keys) if key not in found]
         for key, vector in zip(missing, self.vectors(self.item_prefix, [list(key) for key in missing])):
-            found[key] = vector.clone()  # a row of its own: the LRU must not keep the whole batch alive
-            if lru is not None:
-                lru.put(key, found[key])
+            found[key] = vector
+            if lru is not None:  # a row of its own: the LRU must not keep the whole batch alive
+                lru.put(key, vector.clone())
         if not keys:
             return torch.empty(0, self.vectors.hidden_size)
         return torch.stack([found[key] for key in keys])

@@ -93,17 +93,24 @@ def truncated_config(path: str | Path, num_layers: int | None = None, **override
     return config
 
 
+def _quietly(auto_class, path, config, dtype):
+    """`auto_class.from_pretrained` (safetensors only) without transformers' load report: loading a
+    causal LM's weights as a classifier (a new score head) or as a bare decoder (its LM head unused)
+    reports missing or unused keys, which is expected here."""
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        return auto_class.from_pretrained(str(path), config=config, dtype=dtype, use_safetensors=True)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+
+
 def load_sequence_classifier(path: str | Path, num_labels: int, dtype: torch.dtype, num_layers: int | None = None):
     """An HF folder as a K-grade sequence classifier; safetensors only, never a pickle.
     `num_layers`: keep only the bottom decoder layers."""
     safetensors_weights(Path(path))
     config = truncated_config(path, num_layers, num_labels=num_labels)
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # a causal-LM base has no score head yet: that warning is expected
-    try:
-        return AutoModelForSequenceClassification.from_pretrained(str(path), config=config, dtype=dtype, use_safetensors=True)
-    finally:
-        hf_logging.set_verbosity(verbosity)
+    return _quietly(AutoModelForSequenceClassification, path, config, dtype)
 
 
 def load_base_decoder(base_model: str, dtype: torch.dtype):
@@ -112,13 +119,7 @@ def load_base_decoder(base_model: str, dtype: torch.dtype):
 
     path = base_model_dir(base_model)
     safetensors_weights(Path(path))
-    config = truncated_config(path, split_layers(base_model)[1])
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # the causal LM's head weights are not used: that warning is expected
-    try:
-        return AutoModel.from_pretrained(str(path), config=config, dtype=dtype, use_safetensors=True)
-    finally:
-        hf_logging.set_verbosity(verbosity)
+    return _quietly(AutoModel, path, truncated_config(path, split_layers(base_model)[1]), dtype)
 
 
 def load_base_classifier(base_model: str, num_labels: int, dtype: torch.dtype):
