@@ -12,7 +12,7 @@ so its peak RSS is its own:
   reference     darl_infer, every pair alone: the oracle (fp32)
   torch, onnx   darl_infer, the prefix once per query and the items against it
   onnx-int8     opt-in (--rows): the onnx row on a dynamic-int8 export (lossy: Δprob reported, no tolerance)
-  torch-compiled  opt-in (--rows): the torch row with each decoder layer's MLP under torch.compile (inductor)
+  torch-compiled  opt-in (--rows): the torch row with compile=True (each decoder layer under torch.compile, inductor)
   torch-int8    opt-in (--rows): the torch row with the decoder's Linear layers in torch.ao dynamic int8 (lossy)
 Columns: items/s, p50/p95 ms per query, peak RSS, max |Δprob| against the oracle (reference fp32)
 and whether that is within the backend's tolerance, useful GFLOP per item (pairwise rows run the

@@ -73,19 +73,9 @@ def quantize_decoder_int8(model) -> None:
         torch.ao.quantization.quantize_dynamic(getattr(model, model.base_model_prefix), {torch.nn.Linear}, dtype=torch.qint8, inplace=True)
 
 
-def compile_mlps(model) -> None:
-    """torch.compile (inductor's CPU codegen) on each decoder layer's MLP: gate and up projections,
-    the activation and the product fused around the matmuls. Shapes vary with every call, hence
-    dynamic=True (one compilation, at the warm-up). The attention keeps its hook (eager)."""
-    import torch
-
-    decoder = getattr(model, model.base_model_prefix)
-    for layer in decoder.layers:
-        layer.mlp = torch.compile(layer.mlp, dynamic=True)
-
-
-def darl_row(backend: str, prepare=None):
-    """`prepare(model)`: what a variant of the row does to the loaded model first (compile, quantize)."""
+def darl_row(backend: str, prepare=None, **options):
+    """`prepare(model)`: what a variant of the row does to the loaded model first (quantize);
+    `options`: the backend's options (compile=True)."""
 
     def load(args, case):
         import dataclasses
@@ -109,7 +99,7 @@ def darl_row(backend: str, prepare=None):
             scorer = Scorer(export, tokenizer, spec, backend="onnx", threads=args.threads)
         else:
             model, tokenizer = load_checkpoint_model(Path(args.checkpoint), spec, torch_dtype(args.dtype), torch.device("cpu"))
-            scorer = Scorer(model, tokenizer, spec, backend=backend)
+            scorer = Scorer(model, tokenizer, spec, backend=backend, **options)
             if prepare is not None:
                 prepare(model)
         for q in case["queries"]:  # the Scorer encodes text itself: check it gets the workload's ids
@@ -219,7 +209,7 @@ def export_optimum(hf_dir: str, out_dir: str) -> None:
 ROWS = {
     "reference": darl_row("reference"),
     "torch": darl_row("torch"),
-    "torch-compiled": darl_row("torch", compile_mlps),
+    "torch-compiled": darl_row("torch", compile=True),
     "torch-int8": darl_row("torch", quantize_decoder_int8),
     "onnx": darl_row("onnx"),
     "onnx-int8": darl_row("onnx"),  # the same backend on the int8 export that --onnx-export names

@@ -17,6 +17,7 @@ from pathlib import Path
 from .atomic import atomic_file
 from .backends import BACKEND_CHOICES
 from .base_models import BaseModelMissing
+from .bi_encoder import is_bi_encoder
 from .cascade import CascadeScorer, keep_value
 from .checkpoint import CheckpointError, resolve_checkpoint
 from .jsonl import DataError, iter_lines, iter_rows
@@ -48,6 +49,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", default=None, help="checkpoint directory (default: the embedded default model)")
     p.add_argument("--backend", default="auto", choices=BACKEND_CHOICES)
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    p.add_argument("--compile", action="store_true",
+                   help="the decoder layers under torch.compile (torch backend; faster in bf16, the first call compiles)")
     p.add_argument("--cascade", default=None, metavar="COARSE",
                    help="a fast checkpoint (e.g. default-student) that grades every item first; --checkpoint re-grades the --keep best")
     p.add_argument("--keep", type=keep_value, default=None,
@@ -61,15 +64,22 @@ def _check_checkpoints(args) -> None:
         resolve_checkpoint(args.cascade)
     elif args.keep is not None:
         raise DataError("--keep needs --cascade (the coarse model whose best items are kept)")
+    if args.compile and all(is_bi_encoder(c) for c in [args.checkpoint] + ([args.cascade] if args.cascade else [])):
+        raise DataError("--compile compiles a cross-encoder's decoder layers; no checkpoint given is one (a bi-encoder runs uncompiled)")
+
+
+def compile_option(args, checkpoint) -> dict:
+    """--compile for a checkpoint: the option of a cross-encoder; a bi-encoder (its own path) runs uncompiled."""
+    return {"compile": True} if args.compile and not is_bi_encoder(checkpoint) else {}
 
 
 def _load(args) -> Scorer | CascadeScorer:
     """The scorer; its dtype (what "auto" chose on this machine) on stderr, beside the results."""
-    scorer = Scorer.from_pretrained(args.checkpoint, backend=args.backend, dtype=args.dtype)
+    scorer = Scorer.from_pretrained(args.checkpoint, backend=args.backend, dtype=args.dtype, **compile_option(args, args.checkpoint))
     print(f"darl-infer: {args.checkpoint or 'default model'}, dtype {scorer.dtype}", file=sys.stderr)
     if args.cascade is None:
         return scorer
-    coarse = Scorer.from_pretrained(args.cascade, backend=args.backend, dtype=args.dtype)
+    coarse = Scorer.from_pretrained(args.cascade, backend=args.backend, dtype=args.dtype, **compile_option(args, args.cascade))
     print(f"darl-infer: cascade coarse {args.cascade}, dtype {coarse.dtype}", file=sys.stderr)
     return Scorer.cascade(coarse, scorer, 0.2 if args.keep is None else args.keep)
 
@@ -111,6 +121,8 @@ def _check_output(input_path: str, output: str) -> None:
 
 def cmd_score(args) -> int:
     if args.engine == "ray":
+        if args.compile:
+            raise DataError("--compile is for the local engine; Ray actors load their scorers uncompiled")
         from .distributed.job import run
 
         return run(args)

@@ -34,6 +34,7 @@ def backend_class(name: str):
 
 # the minimum of each integer backend option
 _INT_OPTIONS = {"token_budget": 1, "threads": 0}
+_BOOL_OPTIONS = {"compile"}
 
 
 def check_backend_options(name: str, options: dict) -> None:
@@ -44,3 +45,5 @@ def check_backend_options(name: str, options: dict) -> None:
             raise TypeError(f"backend {name!r} has no option {key!r}; its options: {accepted}")
         if key in _INT_OPTIONS:
             check_int(value, key, _INT_OPTIONS[key])
+        if key in _BOOL_OPTIONS and not isinstance(value, bool):
+            raise TypeError(f"{key} must be True or False, not {value!r}")

@@ -41,7 +41,10 @@ def attention_hook(module, query, key, value, attention_mask, scaling=None, drop
     return state.attend(module.layer_idx, query, key, value, scale, kwargs.get("sliding_window")), None
 
 
-AttentionInterface.register(ATTN_IMPLEMENTATION, attention_hook)
+# Under torch.compile (the torch backend's `compile=True`) the hook stays eager: the pass state is
+# read from a context variable, which dynamo cannot trace, so each layer compiles into the graphs
+# before and after its attention and the attention runs between them.
+AttentionInterface.register(ATTN_IMPLEMENTATION, torch.compiler.disable(attention_hook))
 
 
 def use_attention_hook(decoder: torch.nn.Module) -> torch.nn.Module:

@@ -9,7 +9,9 @@ the budget, each item attending only to its own query's prefix K/V (prefix_runne
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import threading
 from itertools import accumulate
 
 import torch
@@ -19,6 +21,7 @@ from darl_infer.kernels.classification_head import classification_head_reference
 from ..template import Encoded
 from .sdpa_attention import shared_prefix_attention_sdpa
 from .chunking import length_sorted_chunks, prefix_rounds
+from .compiled_layers import compile_decoder_layers
 from .prefix_cache import PrefixLRU
 from .prefix_runner import PrefixKV, PrefixRunner
 
@@ -58,15 +61,22 @@ class TorchBackend:
     attention_op = staticmethod(shared_prefix_attention_sdpa)
     head_op = staticmethod(classification_head_reference)
 
-    def __init__(self, model, token_budget: int = 2048):
+    def __init__(self, model, token_budget: int = 2048, compile: bool = False):
         """`token_budget`: tokens per forward pass: the items of one pass, the distinct prefixes of
-        one prefix pass (a longer item or prefix runs alone); options are checked by the Scorer."""
+        one prefix pass (a longer item or prefix runs alone). `compile`: the decoder layers under
+        torch.compile, in place (compiled_layers.py; faster in bf16, the first call compiles); the
+        backend's calls then run one at a time, since a new input shape recompiles and tracing is
+        not thread-safe (Hugging Face's `kernels` keeps the rotary function's state in a global
+        while dynamo traces: tests/test_compiled_layers.py). Options are checked by the Scorer."""
         if getattr(model.score, "bias", None) is not None:
             raise NotImplementedError("a classification head with a bias is not supported; use backend='reference'")
         self.model = model
         self.device = model.device
         self.token_budget = token_budget
         decoder = getattr(model, model.base_model_prefix)
+        if compile:
+            compile_decoder_layers(decoder)
+        self._one_at_a_time = threading.Lock() if compile else contextlib.nullcontext()
         self.norm_weight, self.norm_eps, self.norm_variant = final_norm_of(decoder)
         # the head applies the final norm, to the last token of each item only
         self.runner = PrefixRunner(decoder, self.attention_op, final_norm=False)
@@ -103,6 +113,10 @@ class TorchBackend:
     def probs_many(self, encoded: list[Encoded], lru: PrefixLRU | None = None) -> list[torch.Tensor]:
         """Grade probabilities (N_q, K) of each encoded query's items; `lru`: recent prefixes to
         reuse and to keep (None: none)."""
+        with self._one_at_a_time:
+            return self._probs_many(encoded, lru)
+
+    def _probs_many(self, encoded: list[Encoded], lru: PrefixLRU | None) -> list[torch.Tensor]:
         sizes = [len(enc.suffixes) for enc in encoded]
         first_row = list(accumulate([0, *sizes]))  # each query's rows in `probs`, all queries back to back
         probs = torch.empty(first_row[-1], self.model.config.num_labels)

@@ -23,6 +23,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", default=None, help="checkpoint directory (default: the embedded default model)")
     p.add_argument("--backend", default="auto", help="reference, torch, triton, onnx or auto (the Scorer's choice)")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    p.add_argument("--compile", action="store_true",
+                   help="a cross-encoder's decoder layers under torch.compile (torch backend; faster in bf16, the first request compiles)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8080)
     p.add_argument("--model-id", default=None, help="the model name responses carry (default: the checkpoint's directory name)")
@@ -56,9 +58,12 @@ def load_models(args: argparse.Namespace, limits: Limits):
         raise ValueError("--item-cache-mb keeps a bi-encoder's item vectors; neither --checkpoint nor --cascade is one")
     if limits.prefix_cache_mb and all(kinds):
         raise ValueError("--prefix-cache-mb keeps prefixes' K/V, which a bi-encoder has none of (use --item-cache-mb)")
+    if args.compile and all(kinds):
+        raise ValueError("--compile compiles a cross-encoder's decoder layers; neither --checkpoint nor --cascade is one")
     scorers = [
         Scorer.from_pretrained(c, backend=args.backend, dtype=args.dtype,
-                               **({"item_cache_mb": args.item_cache_mb} if bi else {"prefix_cache_mb": limits.prefix_cache_mb}))
+                               **({"item_cache_mb": args.item_cache_mb} if bi else
+                                  {"prefix_cache_mb": limits.prefix_cache_mb, **({"compile": True} if args.compile else {})}))
         for c, bi in zip(checkpoints, kinds)
     ]
     return scorers[0], (scorers[1] if args.cascade is not None else None), sum(kinds)

@@ -1,0 +1,89 @@
+"""`compile=True`: the torch backend with its decoder layers under torch.compile gives the oracle's
+scores (each pair alone through HF, uncompiled) to the dtype's tolerance, in any chunking, under
+threads, and refuses to be asked wrongly."""
+
+import argparse
+import random
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from conftest import ARCHS, ragged_items
+from darl_infer import Scorer
+from tiny_models import random_text
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("dtype, tolerance", [("fp32", 1e-5), ("bf16", 2e-2)])
+def test_compiled_layers_match_the_reference(tiny_checkpoints, arch, dtype, tolerance):
+    rng = random.Random(f"compiled-{arch}-{dtype}")
+    query, items = random_text(rng, rng.randint(1, 12)), ragged_items(rng, 40)
+    reference = Scorer.from_pretrained(tiny_checkpoints[arch], backend="reference", dtype=dtype).score(query, items)
+    compiled = Scorer.from_pretrained(tiny_checkpoints[arch], backend="torch", dtype=dtype, compile=True)
+    for token_budget in (37, 10**9):  # many chunks (several compiled shapes), then one
+        compiled.backend.token_budget = token_budget
+        got = compiled.score(query, items)
+        assert np.abs(got.probs - reference.probs).max() <= tolerance, f"token budget {token_budget}"
+    alone = compiled.score(query, [items[3]]).probs[0]  # one item: a shape of its own
+    assert np.abs(alone - reference.probs[3]).max() <= tolerance
+    layers = getattr(compiled.backend.model, compiled.backend.model.base_model_prefix).layers
+    assert all(layer._compiled_call_impl is not None for layer in layers)
+
+
+def test_compiled_scorer_shared_by_threads_gives_the_sequential_results(tiny_checkpoints):
+    scorer = Scorer.from_pretrained(tiny_checkpoints["gemma3"], backend="torch", compile=True, token_budget=48)
+    rng = random.Random("compiled-threads")
+    jobs = [(random_text(rng, rng.randint(1, 8)), ragged_items(rng, rng.randint(1, 10), max_tokens=24)) for _ in range(16)]
+    before = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)  # threads switch often: a compilation and another call would overlap
+    try:
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            threaded = list(pool.map(lambda job: scorer.score(*job).probs, jobs))
+    finally:
+        sys.setswitchinterval(before)
+    sequential = [scorer.score(query, items).probs for query, items in jobs]
+    for n, (got, want) in enumerate(zip(threaded, sequential)):
+        assert np.abs(got - want).max() <= 1e-6, f"job {n}: max |Δprob| {np.abs(got - want).max():.3g} under threads"
+    reference = Scorer.from_pretrained(tiny_checkpoints["gemma3"], backend="reference")
+    for (query, items), got in zip(jobs, sequential):
+        assert np.abs(got - reference.score(query, items).probs).max() <= 1e-5
+
+
+def test_compile_option_is_checked(tiny_checkpoints):
+    with pytest.raises(TypeError, match="compile must be True or False"):
+        Scorer.from_pretrained(tiny_checkpoints["llama"], backend="torch", compile="yes")
+    with pytest.raises(TypeError, match="backend 'reference' has no option 'compile'"):
+        Scorer.from_pretrained(tiny_checkpoints["llama"], backend="reference", compile=True)
+
+
+def test_cli_compile_flag(tiny_checkpoints, tmp_path, capsys):
+    from tiny_models import make_bi_encoder_checkpoint
+
+    from darl_infer.cli import main as cli_main
+    from darl_infer.serve.cli import add_arguments, load_models, serve_main
+    from darl_infer.serve.limits import Limits
+
+    items = tmp_path / "items.txt"
+    items.write_text("\n".join(random_text(random.Random(5), n) for n in (3, 9, 1, 14, 6)) + "\n")
+    rank = ["rank", "--query", "w1 w2", "--items", str(items), "--checkpoint", str(tiny_checkpoints["qwen2"])]
+    cli_main(rank)
+    plain = capsys.readouterr().out
+    cli_main([*rank, "--compile"])
+    assert capsys.readouterr().out == plain  # the same grades, scores (3 decimals) and order
+
+    bi = make_bi_encoder_checkpoint(tmp_path / "bi", tiny_checkpoints["llama"])
+    assert cli_main(["rank", "--query", "w1", "--items", str(items), "--checkpoint", str(bi), "--compile"]) == 2
+    assert "--compile compiles a cross-encoder's decoder layers" in capsys.readouterr().err
+    assert cli_main(["score", "--input", str(items), "--output", str(tmp_path / "out.jsonl"), "--engine", "ray", "--compile"]) == 2
+    assert "--compile is for the local engine" in capsys.readouterr().err
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--checkpoint", str(tiny_checkpoints["qwen2"]), "--cascade", str(bi), "--compile"])
+    fine, coarse, _ = load_models(args, Limits())
+    fine_layers = fine.backend.model.model.layers
+    assert all(layer._compiled_call_impl is not None for layer in fine_layers)  # the cross-encoder compiled, the bi-encoder not
+    with pytest.raises(SystemExit, match="--compile compiles a cross-encoder's decoder layers; neither"):
+        serve_main(["--checkpoint", str(bi), "--compile"])
