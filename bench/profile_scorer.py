@@ -21,6 +21,7 @@ from darl_infer.template import Template
 
 from workload import build_cases
 
+# a compiled layer's matrix multiplies are these same aten ops, called from its graph
 MATMUL_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_scaled_dot_product_flash_attention_for_cpu"}
 
 
@@ -33,6 +34,7 @@ def main() -> None:
     ap.add_argument("--instruction-tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--rows", type=int, default=20, help="ops listed")
+    ap.add_argument("--compile", action="store_true", help="the torch backend's compile=True (compiled at the warm-up)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -42,9 +44,10 @@ def main() -> None:
     model, tokenizer = load_checkpoint_model(checkpoint, spec, resolve_dtype(args.dtype, torch.device("cpu")), torch.device("cpu"))
     [case], _ = build_cases(checkpoint, tokenizer, [args.instruction_tokens], 1, args.items)
     spec = dataclasses.replace(spec, template=Template.from_dict(case.template))
-    scorer = Scorer(model, tokenizer, spec, backend=args.backend)
+    scorer = Scorer(model, tokenizer, spec, backend=args.backend, **({"compile": True} if args.compile else {}))
     query = case.queries[0]
     scorer.score(query["query"], query["items"][:4])  # warm-up
+    scorer.score(query["query"], query["items"])  # compiled code: every shape of the profiled call seen once
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         scorer.score(query["query"], query["items"])
     events = prof.key_averages()

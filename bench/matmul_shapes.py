@@ -1,0 +1,54 @@
+"""The default model's matrix multiply shapes alone: how fast, and on how many cores, PyTorch's CPU
+matmul (oneDNN) runs each decoder projection at a given number of packed tokens.
+
+    python bench/matmul_shapes.py --dtype bf16 --tokens 700 1300 2600 --threads 2
+
+`cores busy` is CPU time over wall time: below the thread count, the library left cores idle.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import torch
+import torch.nn.functional as F
+
+from load import cpu_model
+
+# (name, in, out) of Gemma3-270M's projections (hidden 640, 4 x 256 query heads, 1 KV head, MLP 2048)
+SHAPES = [("q", 640, 1024), ("k, v", 640, 256), ("o", 1024, 640), ("gate, up", 640, 2048), ("down", 2048, 640)]
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def timed(fn, repeats: int) -> tuple[float, float]:
+    """(wall, CPU) seconds per call, after 3 warm-up calls."""
+    for _ in range(3):
+        fn()
+    wall, cpu = time.perf_counter(), time.process_time()
+    for _ in range(repeats):
+        fn()
+    return (time.perf_counter() - wall) / repeats, (time.process_time() - cpu) / repeats
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dtype", default="bf16", choices=list(DTYPES))
+    ap.add_argument("--tokens", type=int, nargs="+", default=[700, 1300, 2600])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=20)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"{cpu_model()}, {torch.get_num_threads()} of {os.cpu_count()} cores, torch {torch.__version__}, {args.dtype}")
+    print("| tokens | projection | in → out | GFLOP/s (wall) | cores busy |\n|---:|---|---|---:|---:|")
+    for tokens in args.tokens:
+        for name, fan_in, fan_out in SHAPES:
+            x = torch.randn(tokens, fan_in).to(DTYPES[args.dtype])
+            w = torch.randn(fan_out, fan_in).to(DTYPES[args.dtype])
+            wall, cpu = timed(lambda: F.linear(x, w), args.repeats)
+            print(f"| {tokens} | {name} | {fan_in} → {fan_out} | {2 * tokens * fan_in * fan_out / wall / 1e9:.0f} | {cpu / wall:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
