@@ -37,6 +37,7 @@ import json
 import os
 import platform
 import random
+import re
 import signal
 import socket
 import subprocess
@@ -179,12 +180,26 @@ def single_latency(url: str, bodies: list[bytes], n: int, timeout: float) -> flo
     return float(np.median(times))
 
 
+def worker_totals(url: str) -> tuple[float, float] | None:
+    """darl's /metrics: (seconds its worker spent in forward passes, items it scored) so far; None
+    for a server without them (the peer)."""
+    text = httpx.get(f"{url}/metrics").text  # the peer answers 404
+    found = dict(re.findall(r"^(darl_inference_duration_seconds_sum|darl_batch_items_sum) ([0-9.e+-]+)$", text, re.M))
+    if len(found) < 2:
+        return None
+    return float(found["darl_inference_duration_seconds_sum"]), float(found["darl_batch_items_sum"])
+
+
 def sweep(name: str, url: str, bodies: list[bytes], items: list[int], args) -> dict:
     l1 = single_latency(f"{url}/rerank", bodies, args.single, args.timeout)
     print(f"{name}: single-request latency {l1 * 1000:.0f} ms", file=sys.stderr)
     steps, sustainable = [], None
     for n, factor in enumerate(args.factors):
+        before = worker_totals(url)
         step = asyncio.run(open_loop(f"{url}/rerank", bodies, items, factor / l1, args, seed=n))
+        if before is not None:  # the worker's own speed under this load: items per second of forward passes
+            busy, scored = (b - a for a, b in zip(before, worker_totals(url)))
+            step["worker_items_per_busy_s"], step["worker_busy"] = scored / max(busy, 1e-9), busy / step["wall_s"]
         step["p95_over_l1"] = step["p95_ms"] / (l1 * 1000)
         steps.append(step)
         print(f"{name}: {json.dumps(step)}", file=sys.stderr)
@@ -196,14 +211,16 @@ def sweep(name: str, url: str, bodies: list[bytes], items: list[int], args) -> d
 
 def table(rows: list[tuple[str, dict]]) -> list[str]:
     out = [
-        "| server | offered req/s | sent | req/s | items/s | p50 ms | p95 ms | p99 ms | p95 / L1 | statuses |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| server | offered req/s | sent | req/s | items/s | p50 ms | p95 ms | p99 ms | p95 / L1 | statuses "
+        "| worker items/busy-s | worker busy |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|",
     ]
     for name, s in rows:
         statuses = ", ".join(f"{k}: {v}" for k, v in sorted(s["statuses"].items()))
+        worker = (f"{s['worker_items_per_busy_s']:.1f} | {s['worker_busy']:.0%}" if "worker_busy" in s else "– | –")
         out.append(
             f"| {name} | {s['offered_rps']:.2f} | {s['sent']} | {s['rps']:.2f} | {s['items_per_s']:.1f} | {s['p50_ms']:.0f} "
-            f"| {s['p95_ms']:.0f} | {s['p99_ms']:.0f} | {s.get('p95_over_l1', float('nan')):.2f} | {statuses} |"
+            f"| {s['p95_ms']:.0f} | {s['p99_ms']:.0f} | {s.get('p95_over_l1', float('nan')):.2f} | {statuses} | {worker} |"
         )
     return out
 
@@ -251,6 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--checkpoint", default=None, help="checkpoint directory (default: the embedded default model)")
     p.add_argument("--backend", default="auto", help="darl's backend")
     p.add_argument("--dtype", default="bf16" if torch.cuda.is_available() else "fp32", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--compile", action="store_true", help="darl serves with --compile (its layers under torch.compile)")
     p.add_argument("--data", type=Path, default=DATA)
     p.add_argument("--requests", type=int, default=500, help="distinct request bodies, cycled")
     p.add_argument("--single", type=int, default=10, help="requests one at a time for L1")
@@ -281,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     args.logs.mkdir(parents=True, exist_ok=True)
     checkpoint = ["--checkpoint", args.checkpoint] if args.checkpoint else []
     darl_cmd = [sys.executable, "-m", "darl_infer.serve", *checkpoint, "--backend", args.backend, "--dtype", args.dtype,
-                "--max-concurrent-requests", str(args.max_concurrent_requests)]
+                "--max-concurrent-requests", str(args.max_concurrent_requests), *(["--compile"] if args.compile else [])]
     peer_cmd = [sys.executable, str(HERE / "peer_server.py"), *checkpoint, "--dtype", args.dtype]
     result = {}
     with server(darl_cmd, args.logs / "darl.log", args.start_timeout) as (darl_url, darl_proc):

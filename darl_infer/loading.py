@@ -44,14 +44,18 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 AUTO_DTYPE_ENV = "DARL_INFER_AUTO_DTYPE"  # "fp32" / "bf16": what dtype="auto" means on the CPU, overriding the rule
 
 
-def cpu_has_native_bf16() -> bool:
-    """AMX-BF16 or AVX-512-BF16 in the CPU flags (Linux /proc/cpuinfo; elsewhere: not known, False)."""
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags (Linux /proc/cpuinfo; elsewhere: not known, empty)."""
     try:
         with open("/proc/cpuinfo") as f:
-            flags = next(line.split(":", 1)[1].split() for line in f if line.startswith("flags"))
+            return set(next(line.split(":", 1)[1].split() for line in f if line.startswith("flags")))
     except (OSError, StopIteration):
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
+        return set()
+
+
+def cpu_has_native_bf16() -> bool:
+    """AMX-BF16 or AVX-512-BF16 in the CPU flags."""
+    return bool({"amx_bf16", "avx512_bf16"} & cpu_flags())
 
 
 def auto_dtype(device: torch.device) -> torch.dtype:

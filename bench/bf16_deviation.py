@@ -1,0 +1,63 @@
+"""How far bf16 scores move on real items: each bf16 path against the oracles, over Home Depot
+requests of the load test's workload (real queries, 20-100 titles each, first --items of each).
+
+    python bench/bf16_deviation.py --requests 3 --items 60
+
+Rows: the reference backend (HF, each pair alone) in bf16 against fp32; the torch backend in bf16,
+eager and with compile=True, against the bf16 reference (DESIGN.md's contract, tolerance 2e-2)
+and against fp32; and each item scored among its request's items against scored alone.
+Per item the largest |Δprob| over the grades; reported: max, mean, 90th percentile, share > 2e-2.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+import torch
+
+from compare import machine
+from darl_infer import Scorer
+from load import DATA, workload
+
+BF16_TOLERANCE = 2e-2
+
+
+def row(name: str, per_item: np.ndarray) -> str:
+    return (f"| {name} | {per_item.max():.4f} | {per_item.mean():.5f} | {np.quantile(per_item, 0.9):.4f} | "
+            f"{np.mean(per_item > BF16_TOLERANCE):.1%} |")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--checkpoint", default=None)
+    ap.add_argument("--requests", type=int, default=3)
+    ap.add_argument("--items", type=int, default=60)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    requests = [(r["query"], r["texts"][: args.items]) for r in workload(DATA, args.requests, seed=0)]
+
+    def probs(scorer, alone=False):
+        if alone:
+            return [np.stack([scorer.score(q, [item]).probs[0] for item in items]) for q, items in requests]
+        return [scorer.score(q, items).probs for q, items in requests]
+
+    def gap(a, b):
+        return np.concatenate([np.abs(x - y).max(1) for x, y in zip(a, b)])
+
+    fp32 = probs(Scorer.from_pretrained(args.checkpoint, dtype="fp32"))
+    reference = probs(Scorer.from_pretrained(args.checkpoint, dtype="bf16", backend="reference"))
+    lines = ["| bf16 path | max | mean | p90 | share > 2e-2 |", "|---|---:|---:|---:|---:|", row("reference vs fp32", gap(reference, fp32))]
+    for label, options in (("torch", {}), ("torch compile=True", {"compile": True})):
+        scorer = Scorer.from_pretrained(args.checkpoint, dtype="bf16", backend="torch", **options)
+        batch = probs(scorer)
+        lines += [row(f"{label} vs bf16 reference", gap(batch, reference)), row(f"{label} vs fp32", gap(batch, fp32)),
+                  row(f"{label}: in its request vs alone", gap(batch, probs(scorer, alone=True)))]
+    n = sum(len(items) for _, items in requests)
+    print(f"{n} items of {len(requests)} requests; {machine()}; torch {torch.__version__}\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
