@@ -79,7 +79,7 @@ LOAD_CASES = {
     "token_budget-str": ({"token_budget": "64"}, TypeError, r"token_budget must be an int, got str"),
     "token_budget-zero": ({"token_budget": 0}, ValueError, r"token_budget must be >= 1, got 0"),
     "token_budget-bool": ({"token_budget": True}, TypeError, r"token_budget must be an int, got bool"),
-    "unknown-option": ({"budget": 64}, TypeError, r"backend 'torch' has no option 'budget'; its options: \['token_budget'\]"),
+    "unknown-option": ({"budget": 64}, TypeError, r"backend 'torch' has no option 'budget'; its options: \['token_budget', 'compile'\]"),
     "option-of-another-backend": ({"backend": "reference", "token_budget": 64}, TypeError, r"backend 'reference' has no option 'token_budget'"),
     "backend-unknown": ({"backend": "cuda"}, ValueError, r"unknown backend 'cuda'"),
     "prefix_cache_mb-negative": ({"prefix_cache_mb": -1}, ValueError, r"prefix_cache_mb must be >= 0, got -1"),
