@@ -4,8 +4,8 @@ as a few fused loops around its matrix multiplies instead of one pass over memor
 dtype round trips of HF's fp32 norms folded in. The attention hook stays eager (attention_hook.py),
 so a layer compiles into the graph before its attention and the graph after it.
 
-Measured on a 2-core Xeon with AMX (bench/RESULTS.md, issue 16): bf16 scoring 1.2-1.3x faster,
-fp32 a few percent; the first call pays the compilation (seconds to tens of seconds; inductor
+Measured on a 2-core Xeon with AMX (bench/RESULTS.md, issue 16): bf16 scoring 1.25x faster,
+fp32 1.1x; the first call pays the compilation (seconds to tens of seconds; inductor
 caches it on disk for the next process). Shapes change with every call, hence dynamic=True.
 """
 
@@ -16,7 +16,7 @@ import torch
 
 # Inductor keeps a fused chain's intermediates in fp32 unless told to round them where eager does.
 # Rounding like eager keeps the compiled model on the oracle's (eager HF's) numerics: on the default
-# model in bf16, 180 real items, max |Δprob| against the bf16 reference 0.024 with it, 0.063 without
+# model in bf16, 148 real items, max |Δprob| against the bf16 reference 0.024 with it, 0.063 without
 # (eager torch: 0.036), at the same speed (bench/RESULTS.md, "On an AMX Xeon").
 INDUCTOR_OPTIONS = {"emulate_precision_casts": True}
 
