@@ -7,6 +7,8 @@ Rows: the reference backend (HF, each pair alone) in bf16 against fp32; the torc
 eager and with compile=True, against the bf16 reference (DESIGN.md's contract, tolerance 2e-2)
 and against fp32; and each item scored among its request's items against scored alone.
 Per item the largest |Δprob| over the grades; reported: max, mean, 90th percentile, share > 2e-2.
+`--diagnose` adds the batch-vs-alone row of the torch backend with one suspect made exact: its
+Linear layers computed in fp32, or the shared-prefix attention through the fp32 reference op.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ import argparse
 
 import numpy as np
 import torch
+
+from torch import nn
 
 from compare import machine
 from darl_infer import Scorer
@@ -28,12 +32,40 @@ def row(name: str, per_item: np.ndarray) -> str:
             f"{np.mean(per_item > BF16_TOLERANCE):.1%} |")
 
 
+class Fp32Linear(nn.Module):
+    """A bf16 Linear computed in fp32 and rounded once: rules the matmul out as a source."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.linear = linear
+
+    def forward(self, x):
+        return nn.functional.linear(x.float(), self.linear.weight.float()).to(x.dtype)
+
+
+def with_fp32_linears(scorer: Scorer) -> Scorer:
+    for layer in scorer.backend.model.model.layers:
+        for name, module in list(layer.named_modules()):
+            if isinstance(module, nn.Linear):
+                parent, _, attr = name.rpartition(".")
+                setattr(layer.get_submodule(parent) if parent else layer, attr, Fp32Linear(module))
+    return scorer
+
+
+def with_reference_attention(scorer: Scorer) -> Scorer:
+    from darl_infer.kernels.shared_prefix_attention import shared_prefix_attention_reference
+
+    scorer.backend.runner.attention_op = shared_prefix_attention_reference
+    return scorer
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", default=None)
     ap.add_argument("--requests", type=int, default=3)
     ap.add_argument("--items", type=int, default=60)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--diagnose", action="store_true", help="also the batch-vs-alone rows with one suspect made exact")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     requests = [(r["query"], r["texts"][: args.items]) for r in workload(DATA, args.requests, seed=0)]
@@ -54,6 +86,10 @@ def main() -> None:
         batch = probs(scorer)
         lines += [row(f"{label} vs bf16 reference", gap(batch, reference)), row(f"{label} vs fp32", gap(batch, fp32)),
                   row(f"{label}: in its request vs alone", gap(batch, probs(scorer, alone=True)))]
+    if args.diagnose:
+        for label, exact in (("torch, Linear layers in fp32", with_fp32_linears), ("torch, fp32 reference attention op", with_reference_attention)):
+            scorer = exact(Scorer.from_pretrained(args.checkpoint, dtype="bf16", backend="torch"))
+            lines.append(row(f"{label}: in its request vs alone", gap(probs(scorer), probs(scorer, alone=True))))
     n = sum(len(items) for _, items in requests)
     print(f"{n} items of {len(requests)} requests; {machine()}; torch {torch.__version__}\n")
     print("\n".join(lines))
