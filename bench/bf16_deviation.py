@@ -17,12 +17,12 @@ import argparse
 
 import numpy as np
 import torch
-
 from torch import nn
 
 from compare import machine
 from darl_infer import Scorer
 from load import DATA, workload
+from row import replace_decoder_linears
 
 BF16_TOLERANCE = 2e-2
 
@@ -44,11 +44,7 @@ class Fp32Linear(nn.Module):
 
 
 def with_fp32_linears(scorer: Scorer) -> Scorer:
-    for layer in scorer.backend.model.model.layers:
-        for name, module in list(layer.named_modules()):
-            if isinstance(module, nn.Linear):
-                parent, _, attr = name.rpartition(".")
-                setattr(layer.get_submodule(parent) if parent else layer, attr, Fp32Linear(module))
+    replace_decoder_linears(scorer.backend.model, Fp32Linear)
     return scorer
 
 

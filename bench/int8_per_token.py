@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from darl_infer.loading import cpu_flags
+from row import replace_decoder_linears
 
 
 def check_int8_dot_products() -> None:
@@ -62,8 +63,4 @@ class PerTokenInt8Linear(nn.Module):
 def quantize_decoder_per_token_int8(model) -> None:
     """Every nn.Linear of the decoder layers in per-token int8, in place (the head stays as it is)."""
     check_int8_dot_products()
-    for layer in getattr(model, model.base_model_prefix).layers:
-        for name, module in list(layer.named_modules()):
-            if isinstance(module, nn.Linear):
-                parent, _, attr = name.rpartition(".")
-                setattr(layer.get_submodule(parent) if parent else layer, attr, PerTokenInt8Linear(module))
+    replace_decoder_linears(model, PerTokenInt8Linear)

@@ -60,6 +60,17 @@ def pair_batches(query: dict):
 # --- darl_infer backends -------------------------------------------------------------------------
 
 
+def replace_decoder_linears(model, wrap) -> None:
+    """Every nn.Linear of the decoder layers replaced by `wrap(linear)`, in place (the head stays)."""
+    from torch import nn
+
+    for layer in getattr(model, model.base_model_prefix).layers:
+        for name, module in list(layer.named_modules()):
+            if isinstance(module, nn.Linear):
+                parent, _, attr = name.rpartition(".")
+                setattr(layer.get_submodule(parent) if parent else layer, attr, wrap(module))
+
+
 def quantize_decoder_int8(model) -> None:
     """torch.ao's dynamic int8 in every nn.Linear of the decoder stack (weights per output channel,
     activations per tensor from each call's range; x86/fbgemm kernels); the classification head
