@@ -26,6 +26,7 @@ from darl_infer import Scorer
 from darl_infer.serve.app import create_app
 from darl_infer.serve.batching import BatchPlan, Request
 from darl_infer.serve.limits import Limits
+from darl_infer.serve.scheduler import Job, Piece, by_response_ratio, split_request
 from tiny_models import random_text
 
 
@@ -296,6 +297,67 @@ def test_token_budget_cuts_steps_in_order_and_same_query_joins(scorer):
     ]
 
 
+def test_large_request_is_scored_in_pieces_and_a_small_one_goes_between(scorer, rng):
+    """A request over half the step budget queues in pieces; a small request that arrives after it
+    is scored before its later pieces; both answers equal the Scorer's."""
+    items = ragged_items(rng, 12, max_tokens=20)
+    enc = scorer.encoder.encode("w1 w2", items)
+    budget = len(enc.prefix) + sum(map(len, enc.suffixes)) // 2  # the large request takes 3+ pieces
+    gate = Gated(scorer)
+    app = create_app(gate, Limits(max_batch_tokens=budget))
+    large = {"query": "w1 w2", "texts": items, "raw_scores": True}
+    small = {"query": "w3", "texts": items[:1], "raw_scores": True}
+
+    async def go():
+        async with serving(app) as client:
+            blocker = asyncio.ensure_future(client.post("/rerank", json={"query": "w7", "texts": ["w8"]}))
+            await until(lambda: len(gate.calls) == 1)
+            first = asyncio.ensure_future(client.post("/rerank", json=large))
+            await until(lambda: metric(app, "darl_queue_requests") == 1)
+            second = asyncio.ensure_future(client.post("/rerank", json=small))
+            await until(lambda: metric(app, "darl_queue_requests") == 2)
+            await asyncio.sleep(0.5)  # both wait about as long; the small one has far fewer tokens
+            gate.open.set()
+            return await asyncio.gather(blocker, first, second)
+
+    responses = asyncio.run(go())
+    assert all(r.status_code == 200 for r in responses)
+    steps = gate.calls[1:]
+    assert len(steps) >= 3 and [q for step in steps for q, _ in step].count("w1 w2") >= 3
+    # each of the large request's items scored once (its pieces go by response ratio: the shorter first)
+    assert sorted(t for step in steps for q, texts in step if q == "w1 w2" for t in texts) == sorted(items)
+    small_step = next(n for n, step in enumerate(steps) if any(q == "w3" for q, _ in step))
+    last_large = max(n for n, step in enumerate(steps) if any(q == "w1 w2" for q, _ in step))
+    assert small_step < last_large  # the small request did not wait for the whole large one
+    for body, response in zip((large, small), responses[1:]):
+        ranked = scorer.rank(body["query"], body["texts"])
+        assert [r["index"] for r in response.json()] == [r["corpus_id"] for r in ranked]
+        np.testing.assert_allclose([r["score"] for r in response.json()], [r["score"] for r in ranked], atol=1e-5)
+
+
+def test_a_failing_piece_fails_its_request_once_and_drops_its_other_pieces(scorer, rng):
+    items = ragged_items(rng, 12, max_tokens=20)
+    enc = scorer.encoder.encode("w1 w2", items)
+    gate = Gated(scorer)
+    gate.fail = {2}  # the large request's first piece
+    app = create_app(gate, Limits(max_batch_tokens=len(enc.prefix) + sum(map(len, enc.suffixes)) // 2))
+
+    async def go():
+        async with serving(app) as client:
+            blocker = asyncio.ensure_future(client.post("/rerank", json={"query": "w7", "texts": ["w8"]}))
+            await until(lambda: len(gate.calls) == 1)
+            doomed = asyncio.ensure_future(client.post("/rerank", json={"query": "w1 w2", "texts": items}))
+            await until(lambda: metric(app, "darl_queue_requests") == 1)
+            gate.open.set()
+            return await blocker, await doomed, await client.get("/health")
+
+    blocker, doomed, health = asyncio.run(go())
+    assert blocker.status_code == health.status_code == 200
+    assert doomed.status_code == 500 and doomed.json()["error_type"] == "Backend"
+    assert len(gate.calls) == 2  # its later pieces were dropped, not scored
+    assert metric(app, "darl_queue_requests") == 0
+
+
 def test_batch_plan_counts_each_prefix_and_item_once():
     plan = BatchPlan()
     a = Request("q", ["x", "y", "x"], prefix_tokens=10, item_tokens=[3, 4, 3])
@@ -305,6 +367,30 @@ def test_batch_plan_counts_each_prefix_and_item_once():
     assert plan.cost(b) == 5
     plan.add(b)
     assert (plan.tokens, plan.items, plan.shared, plan.batch()) == (22, 3, 1, [("q", ["x", "y", "z"])])
+
+
+def test_split_request_bounds_each_piece_and_keeps_item_order():
+    request = Request("q", [f"i{n}" for n in range(7)], prefix_tokens=10, item_tokens=[5, 30, 3, 3, 8, 2, 40])
+    pieces = split_request(request, max_tokens=25)
+    assert [p.items for p in pieces] == [["i0"], ["i1"], ["i2", "i3", "i4"], ["i5"], ["i6"]]
+    assert all(p.query == "q" and p.prefix_tokens == 10 for p in pieces)
+    assert [n for p in pieces for n in p.item_tokens] == request.item_tokens
+    assert all(p.tokens <= 25 for p in pieces if len(p.items) > 1)  # one item over the bound is a piece alone
+    assert split_request(request, max_tokens=10_000)[0].items == request.items
+
+
+def test_response_ratio_puts_a_small_request_first_and_never_starves_a_large_one():
+    def piece(tokens: int, enqueued: float) -> Piece:
+        request = Request("q", ["x"], prefix_tokens=0, item_tokens=[tokens])
+        return Piece(Job(request, future=None, enqueued=enqueued), 0, request)
+
+    large, small = piece(2000, enqueued=0.0), piece(100, enqueued=0.5)
+    assert by_response_ratio([large, small], now=1.0) == [small, large]  # 5 ms per token waited vs 0.5
+    fresh = piece(100, enqueued=9.99)
+    assert by_response_ratio([fresh, large], now=10.0) == [large, fresh]  # the large one has waited 5 ms per token
+    twin = piece(2000, enqueued=0.0)
+    assert by_response_ratio([twin, large], now=1.0)[0] is twin  # equal ratio and arrival: the order they came in
+
 
 
 # --- overload, failures, disconnects -------------------------------------------------------------

@@ -24,6 +24,10 @@ class Request:
     prefix_tokens: int       # instruction + query + item label, as the encoder built them
     item_tokens: list[int]   # each item's suffix (item + answer cue)
 
+    @property
+    def tokens(self) -> int:
+        return self.prefix_tokens + sum(self.item_tokens)
+
 
 @dataclass
 class _Entry:

@@ -1,6 +1,7 @@
 """The service's limits, one command-line flag each. The request limits' defaults are
-text-embeddings-inference's; the step budget is smaller than TEI's 16384 so that one step stays
-short on a CPU, where a step's time grows with its tokens."""
+text-embeddings-inference's; the step budget is a quarter of TEI's 16384 so that one step stays
+short on a CPU, where a step's time grows with its tokens and steps past ~2,600 tokens buy no
+speed (bench/matmul_shapes.py: from there every projection runs on both cores)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ class Limits:
     max_client_batch_size: int = 1000     # documents per request; more is 413
     payload_limit: int = 2_000_000        # request body bytes; more is 413
     max_concurrent_requests: int = 512    # requests admitted and not yet answered; more is 429
-    max_batch_tokens: int = 8192          # tokens (each prefix once + items) per scoring step
+    max_batch_tokens: int = 4096          # tokens (each prefix once + items) per scoring step; requests queue in pieces of half
     prefix_cache_mb: int = 0              # MiB of recent prefixes' K/V the Scorer keeps (its LRU); 0: none
 
     def __post_init__(self):

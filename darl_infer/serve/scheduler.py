@@ -1,12 +1,20 @@
 """The model worker: one thread that scores what is queued, a token budget at a time.
 
-Continuous batching without a timer: while a step runs, new requests queue; when it ends, the
-worker takes the queue's head and every following request that fits `max_batch_tokens` (a
-request larger than the budget goes alone), then keeps scanning only for requests whose query is
-already in the step, which add no prefix. FIFO otherwise, so a large request is never starved.
-The step is one `Scorer.score_many` call; when it fails, its requests fail and the worker goes on.
-Only this thread touches the model, so the Scorer needs no lock, and the change of the Scorer's
-prefix-LRU hit count across a step is that step's own.
+Continuous batching without a timer, scheduled for latency: on a CPU, batching saves little time
+per token (bench/RESULTS.md, "The service under load"), so what a request waits for is mostly the
+work queued or running before it. So that a small request never waits long behind a large one:
+- a request is queued in pieces of at most half the step budget (`max_batch_tokens`), runs of
+  consecutive items (an item is never cut): a request arriving while a step runs waits for a step
+  of bounded size, whatever came before it;
+- when a step ends, the worker takes the queued pieces in order of response ratio (highest
+  response ratio next: time waited per token), the first always and each next one that fits the
+  budget, then keeps scanning only for pieces whose query is already in the step (they add no
+  prefix). A waiting piece's ratio grows as it waits, so a large request is never starved.
+A request is answered when its last piece is scored. An item's score does not depend on the items
+scored with it (the prefix-reuse contract), so the pieces' results put back together equal
+scoring the request alone. A step is one `Scorer.score_many` call; when it fails, the requests
+with a piece in it fail and the worker goes on. Only this thread touches the model, so the Scorer
+needs no lock, and the change of the Scorer's prefix-LRU hit count across a step is that step's own.
 """
 
 from __future__ import annotations
@@ -18,6 +26,10 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
+import numpy as np
+
+from darl_infer import ScoreResult
+
 from .batching import BatchPlan, Request
 from .metrics import Metrics
 
@@ -26,9 +38,50 @@ log = logging.getLogger("darl_infer.serve")
 
 @dataclass(eq=False)
 class Job:
+    """One HTTP request; `future` gets its result once every piece is scored."""
+
     request: Request
     future: asyncio.Future  # of the event loop that waits for it; set from the worker thread
+    pieces: int = 1
     enqueued: float = field(default_factory=time.perf_counter)
+    results: dict[int, ScoreResult] = field(default_factory=dict)  # piece index -> its result (worker thread)
+
+
+@dataclass(eq=False)
+class Piece:
+    job: Job
+    index: int
+    request: Request  # the job's query and a run of its consecutive items
+
+
+def split_request(request: Request, max_tokens: int) -> list[Request]:
+    """Runs of consecutive items whose prefix plus items fit `max_tokens`, at least one item each."""
+    bounds, start, tokens = [], 0, request.prefix_tokens
+    for i, n in enumerate(request.item_tokens):
+        if i > start and tokens + n > max_tokens:
+            bounds.append((start, i))
+            start, tokens = i, request.prefix_tokens
+        tokens += n
+    bounds.append((start, len(request.items)))
+    return [Request(request.query, request.items[a:b], request.prefix_tokens, request.item_tokens[a:b]) for a, b in bounds]
+
+
+def by_response_ratio(pieces, now: float) -> list[Piece]:
+    """Highest response ratio next: the response ratio is (wait + service) / service with service
+    proportional to tokens, so the order is time waited per token, the earliest request first
+    among equals (and a request's pieces in their order)."""
+    return sorted(pieces, key=lambda p: (-(now - p.job.enqueued) / p.request.tokens, p.job.enqueued, p.index))
+
+
+def joined(results: list[ScoreResult]) -> ScoreResult:
+    """One request's result from its pieces' results, in item order."""
+    if len(results) == 1:
+        return results[0]
+    return ScoreResult(
+        probs=np.concatenate([r.probs for r in results]), scores=np.concatenate([r.scores for r in results]),
+        grades=np.concatenate([r.grades for r in results]), truncated=np.concatenate([r.truncated for r in results]),
+        labels=results[0].labels,
+    )
 
 
 class Scheduler:
@@ -36,7 +89,7 @@ class Scheduler:
         self._scorer = scorer
         self._budget = max_batch_tokens
         self._metrics = metrics
-        self._queue: deque[Job] = deque()
+        self._queue: deque[Piece] = deque()
         self._cond = threading.Condition()
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="darl-serve-worker", daemon=True)
@@ -56,51 +109,58 @@ class Scheduler:
         return self._thread.is_alive() and not self._stopping
 
     def submit(self, request: Request) -> Job:
-        job = Job(request, asyncio.get_running_loop().create_future())
+        pieces = split_request(request, max(1, self._budget // 2))
+        job = Job(request, asyncio.get_running_loop().create_future(), pieces=len(pieces))
         with self._cond:
-            self._queue.append(job)
-            self._metrics.queued.set(len(self._queue))
+            self._queue.extend(Piece(job, n, piece) for n, piece in enumerate(pieces))
+            self._count_queued()
             self._cond.notify()
         return job
 
     def withdraw(self, job: Job) -> bool:
-        """Drop a job that is still queued (its client went away); False once it is being scored."""
+        """Drop a job's pieces that are still queued (its client went away); False when one of
+        them is already being or has been scored."""
         with self._cond:
-            try:
-                self._queue.remove(job)
-            except ValueError:
-                return False
-            self._metrics.queued.set(len(self._queue))
-            return True
+            kept = deque(piece for piece in self._queue if piece.job is not job)
+            dropped = len(self._queue) - len(kept)
+            self._queue = kept
+            self._count_queued()
+            return dropped == job.pieces
 
-    def _next_step(self) -> tuple[BatchPlan, list[Job]] | None:
+    def _count_queued(self) -> None:
+        """The queue gauge counts requests, not pieces."""
+        self._metrics.queued.set(len({piece.job for piece in self._queue}))
+
+    def _next_step(self) -> tuple[BatchPlan, list[Piece]] | None:
         with self._cond:
             while not self._queue:
                 if self._stopping:
                     return None
                 self._cond.wait()
             plan, taken, rest, full = BatchPlan(), [], deque(), False
-            for job in self._queue:
-                cost = plan.cost(job.request)
+            for piece in by_response_ratio(self._queue, time.perf_counter()):
+                cost = plan.cost(piece.request)
                 fits = not taken or plan.tokens + cost <= self._budget
-                if fits and (not full or plan.has_query(job.request.query)):
-                    plan.add(job.request)
-                    taken.append(job)
+                if fits and (not full or plan.has_query(piece.request.query)):
+                    plan.add(piece.request)
+                    taken.append(piece)
                 else:
                     full = True
-                    rest.append(job)
+                    rest.append(piece)
             self._queue = rest
-            self._metrics.queued.set(len(rest))
+            self._count_queued()
             return plan, taken
 
     def _run(self) -> None:
         while (step := self._next_step()) is not None:
             self._score(*step)
 
-    def _score(self, plan: BatchPlan, jobs: list[Job]) -> None:
+    def _score(self, plan: BatchPlan, pieces: list[Piece]) -> None:
         m, start = self._metrics, time.perf_counter()
-        for job in jobs:
-            m.queue_duration.observe(start - job.enqueued)
+        jobs = list(dict.fromkeys(piece.job for piece in pieces))
+        for piece in pieces:
+            if piece.index == 0:  # a request's wait until its scoring starts
+                m.queue_duration.observe(start - piece.job.enqueued)
         m.batch_items.observe(plan.items)
         m.batch_tokens.observe(plan.tokens)
         m.batch_requests.observe(len(jobs))
@@ -108,13 +168,19 @@ class Scheduler:
         lru_hits = self._scorer.prefix_cache_stats()["hits"]
         try:
             results = plan.split(self._scorer.score_many(plan.batch()))
-        except Exception as exc:  # any failure of the forward pass fails this step only
+        except Exception as exc:  # any failure of the forward pass fails this step's requests only
             log.exception("scoring step of %d requests failed", len(jobs))
             for job in jobs:
                 _settle(job.future, None, exc)
+            with self._cond:  # their pieces still queued are not scored
+                self._queue = deque(piece for piece in self._queue if piece.job not in jobs)
+                self._count_queued()
         else:
-            for job, result in zip(jobs, results):
-                _settle(job.future, result, None)
+            for piece, result in zip(pieces, results):
+                job = piece.job
+                job.results[piece.index] = result
+                if len(job.results) == job.pieces:
+                    _settle(job.future, joined([job.results[n] for n in range(job.pieces)]), None)
         finally:
             m.inference_duration.observe(time.perf_counter() - start)
             m.prefix_hits.labels(kind="lru").inc(self._scorer.prefix_cache_stats()["hits"] - lru_hits)
