@@ -83,8 +83,7 @@ class RerankService:
             self._in_flight -= 1
             self.metrics.in_flight.set(self._in_flight)
         order = np.argsort(-result.scores, kind="stable")
-        tokens = request.prefix_tokens + sum(request.item_tokens)
-        return Ranked(result, order, self.relevance(result.scores), tokens)
+        return Ranked(result, order, self.relevance(result.scores), request.tokens)
 
     async def _cascade(self, http: HttpRequest, query: str, texts: list[str]) -> ScoreResult:
         coarse = await self._wait(http, self.coarse.scheduler, self._encode(self.coarse.scorer, query, texts, True))
