@@ -325,6 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-concurrent-requests", type=int, default=64,
                    help="darl's admission limit (429 beyond); keep it under --timeout x its req/s, or requests "
                         "admitted under overload wait past --timeout and count as lost")
+    p.add_argument("--max-batch-tokens", type=int, default=None, help="darl's step budget (default: the server's)")
     p.add_argument("--start-timeout", type=float, default=900.0)
     p.add_argument("--out", type=Path, default=None, help="markdown report (default: stdout)")
     p.add_argument("--json", type=Path, default=None, help="every step's raw figures")
@@ -332,6 +333,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--token-bound", action="store_true",
                    help="only count the tokens per item each server runs on this workload (the CPU capacity bound) and exit")
     args = p.parse_args(argv)
+    if args.single < 3:
+        p.error("--single: at least 3 requests, to fit the alone-latency (a + b x items)")
     if not args.data.is_file():
         print(f"skipped: {args.data} not found (the load test needs the Home Depot dev file)", file=sys.stderr)
         return 0
@@ -344,7 +347,8 @@ def main(argv: list[str] | None = None) -> int:
     args.logs.mkdir(parents=True, exist_ok=True)
     checkpoint = ["--checkpoint", args.checkpoint] if args.checkpoint else []
     darl_cmd = [sys.executable, "-m", "darl_infer.serve", *checkpoint, "--backend", args.backend, "--dtype", args.dtype,
-                "--max-concurrent-requests", str(args.max_concurrent_requests), *(["--compile"] if args.compile else [])]
+                "--max-concurrent-requests", str(args.max_concurrent_requests), *(["--compile"] if args.compile else []),
+                *(["--max-batch-tokens", str(args.max_batch_tokens)] if args.max_batch_tokens else [])]
     peer_cmd = [sys.executable, str(HERE / "peer_server.py"), *checkpoint, "--dtype", args.dtype]
     result = {}
     with server(darl_cmd, args.logs / "darl.log", args.start_timeout) as (darl_url, darl_proc):

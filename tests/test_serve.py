@@ -269,7 +269,7 @@ def test_repeated_query_hits_the_prefix_lru(tiny_checkpoints, scorer, rng):
         np.testing.assert_allclose([r["score"] for r in response.json()], [r["score"] for r in ranked], atol=1e-5)
 
 
-def test_token_budget_cuts_steps_in_order_and_same_query_joins(scorer):
+def test_token_budget_cuts_steps_and_same_query_joins(scorer):
     enc = scorer.encoder.encode("w1", ["w2"])
     prefix, item = len(enc.prefix), len(enc.suffixes[0])  # a one-word query's prefix; a one-word item + cue
     gate = Gated(scorer)
@@ -278,7 +278,7 @@ def test_token_budget_cuts_steps_in_order_and_same_query_joins(scorer):
         {"query": "w1", "texts": ["w2", "w3"]},
         {"query": "w4", "texts": ["w5", "w6"]},
         {"query": "w7", "texts": [" ".join(["w8"] * 30)]},  # does not fit after the first two: the next step
-        {"query": "w1", "texts": ["w3", "w9"]},  # behind it, but the first one's query: joins the first step
+        {"query": "w1", "texts": ["w3", "w9"]},  # last, but the first one's query: joins the first step
     ]
 
     async def go():
