@@ -339,7 +339,7 @@ def test_a_failing_piece_fails_its_request_once_and_drops_its_other_pieces(score
     items = ragged_items(rng, 12, max_tokens=20)
     enc = scorer.encoder.encode("w1 w2", items)
     gate = Gated(scorer)
-    gate.fail = {2}  # the large request's first piece
+    gate.fail = {2}  # the first step with the large request's pieces (it has 3 or more)
     app = create_app(gate, Limits(max_batch_tokens=len(enc.prefix) + sum(map(len, enc.suffixes)) // 2))
 
     async def go():
@@ -390,7 +390,6 @@ def test_response_ratio_puts_a_small_request_first_and_never_starves_a_large_one
     assert by_response_ratio([fresh, large], now=10.0) == [large, fresh]  # the large one has waited 5 ms per token
     twin = piece(2000, enqueued=0.0)
     assert by_response_ratio([twin, large], now=1.0)[0] is twin  # equal ratio and arrival: the order they came in
-
 
 
 # --- overload, failures, disconnects -------------------------------------------------------------
