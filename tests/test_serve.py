@@ -329,6 +329,7 @@ def test_large_request_is_scored_in_pieces_and_a_small_one_goes_between(scorer, 
     small_step = next(n for n, step in enumerate(steps) if any(q == "w3" for q, _ in step))
     last_large = max(n for n, step in enumerate(steps) if any(q == "w1 w2" for q, _ in step))
     assert small_step < last_large  # the small request did not wait for the whole large one
+    assert metric(app, "darl_queue_duration_seconds_count") == 3  # one wait per request, not per piece
     for body, response in zip((large, small), responses[1:]):
         ranked = scorer.rank(body["query"], body["texts"])
         assert [r["index"] for r in response.json()] == [r["corpus_id"] for r in ranked]

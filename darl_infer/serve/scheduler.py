@@ -45,6 +45,7 @@ class Job:
     pieces: int = 1
     enqueued: float = field(default_factory=time.perf_counter)
     results: dict[int, ScoreResult] = field(default_factory=dict)  # piece index -> its result (worker thread)
+    started: bool = False  # a step with one of its pieces has begun (worker thread)
 
 
 @dataclass(eq=False)
@@ -158,9 +159,10 @@ class Scheduler:
     def _score(self, plan: BatchPlan, pieces: list[Piece]) -> None:
         m, start = self._metrics, time.perf_counter()
         jobs = list(dict.fromkeys(piece.job for piece in pieces))
-        for piece in pieces:
-            if piece.index == 0:  # a request's wait until its scoring starts
-                m.queue_duration.observe(start - piece.job.enqueued)
+        for job in jobs:
+            if not job.started:  # a request's wait until its first piece's step starts
+                job.started = True
+                m.queue_duration.observe(start - job.enqueued)
         m.batch_items.observe(plan.items)
         m.batch_tokens.observe(plan.tokens)
         m.batch_requests.observe(len(jobs))
