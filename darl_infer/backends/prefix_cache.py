@@ -2,8 +2,8 @@
 prefix pass.
 
 Keys are the prefix token ids with the model's dtype and device; values are immutable `PrefixKV`
-(prefix_runner.py), so a hit hands out the very tensors the miss computed and the scores are
-bit-identical. The budget is the values' summed tensor bytes; the least recently used entries go
+(prefix_runner.py), so a hit hands out the very tensors the miss computed (the miss scored its
+first items in the prefixes' own pass, the hit in a pass without them: equal up to rounding). The budget is the values' summed tensor bytes; the least recently used entries go
 first, and a prefix larger than the whole budget is not kept. Thread-safe: a lock guards the dict
 and the counters; prefixes are computed outside it (two threads missing the same prefix at once
 both compute it, and the second insert is dropped).

@@ -7,6 +7,10 @@ Two pass states for the attention hook (attention_hook.py), one object per forwa
 - `ItemsPass`: items of one or more prefixes back to back; each segment (consecutive items that
   continue the same prefix) attends to that prefix's K/V plus its own causal keys, through one
   call of the attention op per segment, so the op itself only ever sees one prefix.
+- `JointPass`: both in one row, the prefixes first: items may continue a prefix of the same row,
+  whose K/V at each layer are that layer's own rows. One forward pass instead of two: each weight
+  read once, each layer called once (on a CPU a pass over the default model costs ~35 ms before
+  its first token; bench/RESULTS.md).
 
 A `PrefixKV` never changes once built: one copy serves every items pass, thread and the Scorer's
 LRU of recent prefixes (prefix_cache.py). Everything a pass changes lives in its own state
@@ -85,6 +89,10 @@ class PrefixPass:
         self._recorded[layer] = (k, v)
         return self.attention_op(q, k, v, k[:0], v[:0], self.cu_seqlens, scale, sliding_window).unsqueeze(0)
 
+    def recorded(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """This pass's K/V at `layer`, every prefix's rows, once that layer has run."""
+        return self._recorded[layer]
+
     def prefixes(self) -> list[PrefixKV]:
         """One PrefixKV per prefix, after the pass. Each slice is copied so that it owns exactly its
         bytes: a view would keep the whole packed row's K/V alive (in the LRU, say) and its size
@@ -127,13 +135,57 @@ class ItemsPass:
         return (out[0] if len(out) == 1 else torch.cat(out)).unsqueeze(0)  # (1, T, H, D), as HF's attention returns
 
 
+@dataclass(frozen=True, eq=False)
+class _RowPrefix:
+    """A prefix that runs in the same pass as its items: rows start:stop of its PrefixPass."""
+
+    prefix_pass: PrefixPass
+    start: int
+    stop: int
+
+    @property
+    def length(self) -> int:
+        return self.stop - self.start
+
+    def at(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        prefix_k, prefix_v = self.prefix_pass.recorded(layer)
+        return prefix_k[self.start : self.stop], prefix_v[self.start : self.stop]
+
+
+class JointPass:
+    """Prefixes of `lengths` tokens, then items, in one row. `groups` as ItemsPass's, except that a
+    group's prefix may be an int: the index of one of this row's prefixes. At each layer the
+    prefixes attend first (PrefixPass), so that their K/V are there for the items (ItemsPass)."""
+
+    def __init__(
+        self, lengths: Sequence[int], groups: Sequence[tuple[PrefixKV | int, Sequence[int]]], attention_op: AttentionOp,
+        final_norm: bool = True, device=None,
+    ):
+        self.final_norm = final_norm
+        self.prefix_pass = PrefixPass(lengths, attention_op, final_norm, device)
+        cu = self.prefix_pass.cu_seqlens.tolist()
+        own = [_RowPrefix(self.prefix_pass, start, stop) for start, stop in zip(cu[:-1], cu[1:])]
+        self.items_pass = ItemsPass(
+            [(own[prefix] if isinstance(prefix, int) else prefix, group) for prefix, group in groups], attention_op, final_norm,
+            device,
+        )
+        self.prefix_rows = cu[-1]
+        self.position_ids = torch.cat([self.prefix_pass.position_ids, self.items_pass.position_ids])
+
+    def attend(self, layer, query, key, value, scale, sliding_window):
+        p = self.prefix_rows  # HF's (1, heads, T, D): rows are dim 2
+        prefixes = self.prefix_pass.attend(layer, query[:, :, :p], key[:, :, :p], value[:, :, :p], scale, sliding_window)
+        items = self.items_pass.attend(layer, query[:, :, p:], key[:, :, p:], value[:, :, p:], scale, sliding_window)
+        return torch.cat([prefixes, items], dim=1)
+
+
 def _pre_norm_states(norm: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
     """Forward hook on a decoder's final norm: in a pass whose state asks for pre-norm states, the
     norm's input replaces its output. The norm still runs (an elementwise op on the packed tokens,
     small beside one layer's matmuls), but nothing shared changes: the choice comes from this
     thread's pass, so concurrent calls, and other users of the model, are unaffected."""
     state = current()
-    if isinstance(state, (PrefixPass, ItemsPass)) and not state.final_norm:
+    if isinstance(state, (PrefixPass, ItemsPass, JointPass)) and not state.final_norm:
         return args[0]
     return output
 
@@ -188,6 +240,33 @@ class PrefixRunner:
         with active(state):
             out = self.decoder(input_ids=torch.cat(item_ids)[None], position_ids=state.position_ids[None], use_cache=False)
         return out.last_hidden_state[0], state.cu_seqlens
+
+    def packed_with_prefixes(
+        self, prefix_ids: Sequence[torch.Tensor], groups: Sequence[tuple[PrefixKV | int, Sequence[torch.Tensor]]],
+    ) -> tuple[list[PrefixKV], torch.Tensor, torch.Tensor]:
+        """`prefixes(prefix_ids)` and `packed(groups)` in one forward pass, where a group's prefix
+        may also be an index into `prefix_ids`. Returns the prefixes' PrefixKV, and the items'
+        hidden states and offsets as `packed` does (the prefixes' rows left out)."""
+        nonempty = [n for n, ids in enumerate(prefix_ids) if ids.numel()]
+        if not nonempty:  # nothing to compute: every prefix is empty
+            return [EMPTY_PREFIX] * len(prefix_ids), *self.packed([(p if not isinstance(p, int) else EMPTY_PREFIX, g) for p, g in groups])
+        position = {n: i for i, n in enumerate(nonempty)}
+        groups = [
+            (prefix if not isinstance(prefix, int) else position.get(prefix, EMPTY_PREFIX), group) for prefix, group in groups
+        ]
+        item_ids = [ids for _, group in groups for ids in group]
+        state = JointPass(
+            [prefix_ids[n].numel() for n in nonempty], [(prefix, [ids.numel() for ids in group]) for prefix, group in groups],
+            self.attention_op, self.final_norm, item_ids[0].device,
+        )
+        with active(state):
+            out = self.decoder(
+                input_ids=torch.cat([*(prefix_ids[n] for n in nonempty), *item_ids])[None],
+                position_ids=state.position_ids[None], use_cache=False,
+            )
+        computed = iter(state.prefix_pass.prefixes())
+        prefixes = [next(computed) if ids.numel() else EMPTY_PREFIX for ids in prefix_ids]
+        return prefixes, out.last_hidden_state[0, state.prefix_rows :], state.items_pass.cu_seqlens
 
     def items(self, prefix: PrefixKV, item_ids: Sequence[torch.Tensor]) -> torch.Tensor:
         """Hidden state at the last token of each item of one prefix, (N, hidden)."""

@@ -2,9 +2,10 @@
 then the fused classification head (final norm on the N last tokens only, projection, softmax).
 
 Several queries at once (`probs_many`): the queries are taken in rounds whose distinct prefixes
-fit the token budget; a round's prefixes not found in the LRU of recent prefixes run packed in
-one forward pass, then all its queries' items run packed together in length-sorted chunks under
-the budget, each item attending only to its own query's prefix K/V (prefix_runner.ItemsPass).
+fit the token budget; its queries' items run packed together in length-sorted chunks under the
+budget, each item attending only to its own query's prefix K/V (prefix_runner.ItemsPass); the
+round's prefixes not found in the LRU of recent prefixes run packed in the same forward pass as
+its first chunk (prefix_runner.JointPass), one pass fewer than running them first.
 """
 
 from __future__ import annotations
@@ -92,23 +93,6 @@ class TorchBackend:
         )
         return probs
 
-    def _prefixes(self, prefixes: list[list[int]], lru: PrefixLRU | None) -> list[PrefixKV]:
-        """Each prefix's K/V, aligned with `prefixes`: from the LRU when it has them, the others
-        run packed in one forward pass (a prefix that repeats in `prefixes` runs once)."""
-        keys = [(tuple(p), self.model.dtype, self.device) for p in prefixes]
-        found = {}
-        for key in dict.fromkeys(keys):
-            if lru is not None and (kv := lru.get(key)) is not None:
-                found[key] = kv
-        missing = [key for key in dict.fromkeys(keys) if key not in found]
-        if missing:
-            computed = self.runner.prefixes([torch.tensor(ids, device=self.device) for ids, _, _ in missing])
-            for key, kv in zip(missing, computed):
-                found[key] = kv
-                if lru is not None:
-                    lru.put(key, kv)
-        return [found[key] for key in keys]
-
     @torch.inference_mode()
     def probs_many(self, encoded: list[Encoded], lru: PrefixLRU | None = None) -> list[torch.Tensor]:
         """Grade probabilities (N_q, K) of each encoded query's items; `lru`: recent prefixes to
@@ -123,20 +107,37 @@ class TorchBackend:
         queries = [n for n, size in enumerate(sizes) if size]  # a query without items needs no prefix
         for round_ in prefix_rounds([encoded[n].prefix for n in queries], self.token_budget):
             in_round = [queries[i] for i in round_]
-            prefix_kv = self._prefixes([encoded[n].prefix for n in in_round], lru)
-            items = [  # (its prefix, its row in `probs`, its ids)
-                (kv, first_row[n] + i, ids)
-                for n, kv in zip(in_round, prefix_kv)
+            keys = [(tuple(encoded[n].prefix), self.model.dtype, self.device) for n in in_round]
+            found: dict[tuple, PrefixKV] = {}
+            for key in dict.fromkeys(keys):
+                if lru is not None and (kv := lru.get(key)) is not None:
+                    found[key] = kv
+            missing = [key for key in dict.fromkeys(keys) if key not in found]  # run with the first chunk
+            items = [  # (its prefix's key, its row in `probs`, its ids)
+                (key, first_row[n] + i, ids)
+                for n, key in zip(in_round, keys)
                 for i, ids in enumerate(encoded[n].suffixes)
             ]
             for chunk in length_sorted_chunks([len(ids) for _, _, ids in items], self.token_budget):
-                by_prefix: dict[PrefixKV, list[tuple[int, list[int]]]] = {}  # each prefix's items contiguous in the row
+                by_prefix: dict[tuple, list[tuple[int, list[int]]]] = {}  # each prefix's items contiguous in the row
                 for j in chunk:
-                    kv, row, ids = items[j]
-                    by_prefix.setdefault(kv, []).append((row, ids))
-                groups = [
-                    (kv, [torch.tensor(ids, device=self.device) for _, ids in members]) for kv, members in by_prefix.items()
+                    key, row, ids = items[j]
+                    by_prefix.setdefault(key, []).append((row, ids))
+                groups = [  # a prefix not yet computed is named by its index in `missing`
+                    (found[key] if key in found else missing.index(key), [torch.tensor(ids, device=self.device) for _, ids in members])
+                    for key, members in by_prefix.items()
                 ]
                 rows = [row for members in by_prefix.values() for row, _ in members]
-                probs[rows] = self.head(*self.runner.packed(groups)).cpu()
+                if missing:  # the round's new prefixes in the same forward pass as its first chunk
+                    computed, hidden, cu = self.runner.packed_with_prefixes(
+                        [torch.tensor(ids, device=self.device) for ids, _, _ in missing], groups
+                    )
+                    for key, kv in zip(missing, computed):
+                        found[key] = kv
+                        if lru is not None:
+                            lru.put(key, kv)
+                    missing = []
+                else:
+                    hidden, cu = self.runner.packed(groups)
+                probs[rows] = self.head(hidden, cu).cpu()
         return list(probs.split(sizes))
