@@ -248,12 +248,10 @@ class PrefixRunner:
         may also be an index into `prefix_ids`. Returns the prefixes' PrefixKV, and the items'
         hidden states and offsets as `packed` does (the prefixes' rows left out)."""
         nonempty = [n for n, ids in enumerate(prefix_ids) if ids.numel()]
-        if not nonempty:  # nothing to compute: every prefix is empty
-            return [EMPTY_PREFIX] * len(prefix_ids), *self.packed([(p if not isinstance(p, int) else EMPTY_PREFIX, g) for p, g in groups])
-        position = {n: i for i, n in enumerate(nonempty)}
-        groups = [
-            (prefix if not isinstance(prefix, int) else position.get(prefix, EMPTY_PREFIX), group) for prefix, group in groups
-        ]
+        position = {n: i for i, n in enumerate(nonempty)}  # an empty prefix is EMPTY_PREFIX, not a row
+        groups = [(position.get(prefix, EMPTY_PREFIX) if isinstance(prefix, int) else prefix, group) for prefix, group in groups]
+        if not nonempty:
+            return [EMPTY_PREFIX] * len(prefix_ids), *self.packed(groups)
         item_ids = [ids for _, group in groups for ids in group]
         state = JointPass(
             [prefix_ids[n].numel() for n in nonempty], [(prefix, [ids.numel() for ids in group]) for prefix, group in groups],
