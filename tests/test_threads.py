@@ -46,8 +46,9 @@ def test_threads_sharing_a_scorer_get_the_sequential_results(tiny_checkpoints, a
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
 def test_threads_sharing_a_scorer_with_its_prefix_lru(tiny_checkpoints, arch, fast_thread_switching):
-    """Threads hit and fill one LRU at once: `score` gives exactly what a Scorer without LRU gives
-    (one query's prefix runs alone either way), `score_many` the same to the tolerance."""
+    """Threads hit and fill one LRU at once: `score` gives what a Scorer without LRU gives, to
+    rounding (a miss scores its first items in its prefix's pass, a hit without the prefix's rows:
+    same K/V, passes of another size), `score_many` the same to the tolerance."""
     cached = Scorer.from_pretrained(tiny_checkpoints[arch], backend="torch", token_budget=48, prefix_cache_mb=1)
     plain = Scorer.from_pretrained(tiny_checkpoints[arch], backend="torch", token_budget=48)
     rng = random.Random(arch)
@@ -58,7 +59,7 @@ def test_threads_sharing_a_scorer_with_its_prefix_lru(tiny_checkpoints, arch, fa
         got = list(pool.map(lambda job: cached.score(*job).probs, jobs))
         many = list(pool.map(lambda n: cached.score_many(jobs[n : n + 4]), range(0, len(jobs), 4)))
     for n, (g, w) in enumerate(zip(got, want)):
-        assert np.array_equal(g, w), f"job {n}: max |Δprob| {np.abs(g - w).max():.3g}"
+        assert np.abs(g - w).max() <= 1e-6, f"job {n}: max |Δprob| {np.abs(g - w).max():.3g}"
     for n, result in enumerate(r for results in many for r in results):
         assert np.abs(result.probs - want[n]).max() <= 1e-5
     stats = cached.prefix_cache_stats()
