@@ -326,6 +326,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="darl's admission limit (429 beyond); keep it under --timeout x its req/s, or requests "
                         "admitted under overload wait past --timeout and count as lost")
     p.add_argument("--max-batch-tokens", type=int, default=None, help="darl's step budget (default: the server's)")
+    p.add_argument("--concurrent-steps", type=int, default=None, help="darl's steps in flight (default: the server's)")
     p.add_argument("--start-timeout", type=float, default=900.0)
     p.add_argument("--out", type=Path, default=None, help="markdown report (default: stdout)")
     p.add_argument("--json", type=Path, default=None, help="every step's raw figures")
@@ -348,7 +349,8 @@ def main(argv: list[str] | None = None) -> int:
     checkpoint = ["--checkpoint", args.checkpoint] if args.checkpoint else []
     darl_cmd = [sys.executable, "-m", "darl_infer.serve", *checkpoint, "--backend", args.backend, "--dtype", args.dtype,
                 "--max-concurrent-requests", str(args.max_concurrent_requests), *(["--compile"] if args.compile else []),
-                *(["--max-batch-tokens", str(args.max_batch_tokens)] if args.max_batch_tokens else [])]
+                *(["--max-batch-tokens", str(args.max_batch_tokens)] if args.max_batch_tokens else []),
+                *(["--concurrent-steps", str(args.concurrent_steps)] if args.concurrent_steps else [])]
     peer_cmd = [sys.executable, str(HERE / "peer_server.py"), *checkpoint, "--dtype", args.dtype]
     result = {}
     with server(darl_cmd, args.logs / "darl.log", args.start_timeout) as (darl_url, darl_proc):

@@ -35,18 +35,23 @@ def scorer(tiny_checkpoints):
     return Scorer.from_pretrained(tiny_checkpoints["llama"], backend="torch", token_budget=64)
 
 
-class Gated:
-    """The Scorer's public API with a hand on the model worker: each score_many call is recorded,
-    waits until `open` is set, and fails when its number (1-based) is in `fail`."""
+ONE_WORKER = Limits(concurrent_steps=1)  # the tests of the queue: a gated step holds the only worker
 
-    def __init__(self, scorer):
-        self.spec, self.encoder, self._scorer = scorer.spec, scorer.encoder, scorer
+
+class Gated:
+    """The Scorer's public API with a hand on the model workers: each score_many call is recorded,
+    waits until `open` is set (only the first `held` calls, when given), and fails when its number
+    (1-based) is in `fail`."""
+
+    def __init__(self, scorer, held: int | None = None):
+        self.spec, self.encoder, self._scorer, self.held = scorer.spec, scorer.encoder, scorer, held
         self.prefix_cache_stats = scorer.prefix_cache_stats
         self.open, self.calls, self.fail = threading.Event(), [], set()
 
     def score_many(self, batch):
         self.calls.append(batch)
-        assert self.open.wait(30), "test gate never opened"
+        if self.held is None or len(self.calls) <= self.held:
+            assert self.open.wait(30), "test gate never opened"
         if len(self.calls) in self.fail:
             raise RuntimeError("injected failure")
         return self._scorer.score_many(batch)
@@ -220,7 +225,7 @@ def test_truncate_true_scores_the_cut_text(scorer):
 
 def test_concurrent_requests_equal_sequential_and_share_one_prefix_run(scorer, rng):
     gate = Gated(scorer)
-    app = create_app(gate)
+    app = create_app(gate, ONE_WORKER)
     queries = ["w1 w2", "w3", "w4 w5 w6"]
     pool = ragged_items(rng, 12, max_tokens=20)
     bodies = [{"query": queries[n % 3], "texts": rng.sample(pool, 5), "raw_scores": True} for n in range(9)]
@@ -273,7 +278,7 @@ def test_token_budget_cuts_steps_and_same_query_joins(scorer):
     enc = scorer.encoder.encode("w1", ["w2"])
     prefix, item = len(enc.prefix), len(enc.suffixes[0])  # a one-word query's prefix; a one-word item + cue
     gate = Gated(scorer)
-    app = create_app(gate, Limits(max_batch_tokens=2 * (prefix + 2 * item) + item))  # the first, second and fourth
+    app = create_app(gate, Limits(max_batch_tokens=2 * (prefix + 2 * item) + item, concurrent_steps=1))  # the first, second and fourth
     bodies = [
         {"query": "w1", "texts": ["w2", "w3"]},
         {"query": "w4", "texts": ["w5", "w6"]},
@@ -304,7 +309,7 @@ def test_large_request_is_scored_in_pieces_and_a_small_one_goes_between(scorer, 
     enc = scorer.encoder.encode("w1 w2", items)
     budget = len(enc.prefix) + sum(map(len, enc.suffixes)) // 2  # the large request takes 3+ pieces
     gate = Gated(scorer)
-    app = create_app(gate, Limits(max_batch_tokens=budget))
+    app = create_app(gate, Limits(max_batch_tokens=budget, concurrent_steps=1))
     large = {"query": "w1 w2", "texts": items, "raw_scores": True}
     small = {"query": "w3", "texts": items[:1], "raw_scores": True}
 
@@ -336,12 +341,34 @@ def test_large_request_is_scored_in_pieces_and_a_small_one_goes_between(scorer, 
         np.testing.assert_allclose([r["score"] for r in response.json()], [r["score"] for r in ranked], atol=1e-5)
 
 
+def test_a_request_is_scored_while_another_step_is_in_flight(scorer, rng):
+    """With the default two workers, a request that arrives while a step runs does not wait for it."""
+    gate = Gated(scorer, held=1)
+    app = create_app(gate)
+    body = {"query": "w3", "texts": ragged_items(rng, 4, max_tokens=12), "raw_scores": True}
+
+    async def go():
+        async with serving(app) as client:
+            blocker = asyncio.ensure_future(client.post("/rerank", json={"query": "w1", "texts": ["w2"]}))
+            await until(lambda: len(gate.calls) == 1)
+            answered = await client.post("/rerank", json=body)
+            assert not blocker.done()
+            gate.open.set()
+            return answered, await blocker
+
+    answered, blocker = asyncio.run(go())
+    assert answered.status_code == blocker.status_code == 200
+    ranked = scorer.rank(body["query"], body["texts"])
+    assert [r["index"] for r in answered.json()] == [r["corpus_id"] for r in ranked]
+    np.testing.assert_allclose([r["score"] for r in answered.json()], [r["score"] for r in ranked], atol=1e-5)
+
+
 def test_a_failing_piece_fails_its_request_once_and_drops_its_other_pieces(scorer, rng):
     items = ragged_items(rng, 12, max_tokens=20)
     enc = scorer.encoder.encode("w1 w2", items)
     gate = Gated(scorer)
     gate.fail = {2}  # the first step with the large request's pieces (it has 3 or more)
-    app = create_app(gate, Limits(max_batch_tokens=len(enc.prefix) + sum(map(len, enc.suffixes)) // 2))
+    app = create_app(gate, Limits(max_batch_tokens=len(enc.prefix) + sum(map(len, enc.suffixes)) // 2, concurrent_steps=1))
 
     async def go():
         async with serving(app) as client:
@@ -418,7 +445,7 @@ def test_queue_full_is_429_with_retry_after(scorer):
 def test_failing_step_is_500_for_its_requests_only(scorer):
     gate = Gated(scorer)
     gate.fail = {1}
-    app = create_app(gate)
+    app = create_app(gate, ONE_WORKER)
     body = {"query": "w1", "texts": ["w2", "w3"], "raw_scores": True}
 
     async def go():
@@ -462,7 +489,7 @@ def asgi_post(app, path: str, body: dict, gone: asyncio.Event):
 
 def test_disconnected_client_is_dropped_before_scoring(scorer):
     gate = Gated(scorer)
-    app = create_app(gate)
+    app = create_app(gate, ONE_WORKER)
 
     async def go():
         async with serving(app) as client:
@@ -572,7 +599,7 @@ def test_cascade_requests_batched_together_equal_the_cascade_scorer(tiny_checkpo
     """--cascade: same-query requests with different documents share the coarse worker's step, yet
     each keeps its own best items (the keep rule is per request) and equals Scorer.cascade's rank."""
     coarse = Gated(Scorer.from_pretrained(tiny_checkpoints["qwen2"], backend="torch"))
-    app = create_app(scorer, cascade=(coarse, 0.4))
+    app = create_app(scorer, ONE_WORKER, cascade=(coarse, 0.4))
     pool = ragged_items(rng, 12, max_tokens=20)
     bodies = [{"query": "w1 w2", "texts": rng.sample(pool, 5), "raw_scores": True, "return_grades": True} for _ in range(4)]
 

@@ -17,6 +17,8 @@ from typing import Protocol
 import torch
 from transformers import AttentionInterface
 
+from .turns import between_layers
+
 ATTN_IMPLEMENTATION = "darl_infer"
 
 
@@ -38,6 +40,7 @@ def attention_hook(module, query, key, value, attention_mask, scaling=None, drop
     if kwargs.get("softcap") is not None:
         raise NotImplementedError("attention logit soft-capping is not supported")
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    between_layers(query.shape[-2])  # a call with less work left may run first (turns.py)
     return state.attend(module.layer_idx, query, key, value, scale, kwargs.get("sliding_window")), None
 
 

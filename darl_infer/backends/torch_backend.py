@@ -10,9 +10,7 @@ its first chunk (prefix_runner.JointPass), one pass fewer than running them firs
 
 from __future__ import annotations
 
-import contextlib
 import importlib
-import threading
 from itertools import accumulate
 
 import torch
@@ -25,6 +23,7 @@ from .chunking import length_sorted_chunks, prefix_rounds
 from .compiled_layers import compile_decoder_layers
 from .prefix_cache import PrefixLRU
 from .prefix_runner import PrefixKV, PrefixRunner
+from .turns import TakingTurns
 
 # final-norm classes whose math the fused head reproduces: class -> (norm variant, eps attribute)
 _KNOWN_FINAL_NORMS = {
@@ -65,10 +64,13 @@ class TorchBackend:
     def __init__(self, model, token_budget: int = 2048, compile: bool = False):
         """`token_budget`: tokens per forward pass: the items of one pass, the distinct prefixes of
         one prefix pass (a longer item or prefix runs alone). `compile`: the decoder layers under
-        torch.compile, in place (compiled_layers.py; faster in bf16, the first call compiles); the
-        backend's calls then run one at a time, since a new input shape recompiles and tracing is
-        not thread-safe (Hugging Face's `kernels` keeps the rotary function's state in a global
-        while dynamo traces: tests/test_compiled_layers.py). Options are checked by the Scorer."""
+        torch.compile, in place (compiled_layers.py; faster in bf16, the first call compiles).
+        Concurrent calls take turns at the model, one forward pass at a time, handed over between
+        layers to the call with the least work left (turns.py): a small call does not wait for a
+        large one, and threads never run the model side by side (with compile=True they must not:
+        a new input shape recompiles and tracing is not thread-safe; Hugging Face's `kernels`
+        keeps the rotary function's state in a global while dynamo traces,
+        tests/test_compiled_layers.py). Options are checked by the Scorer."""
         if getattr(model.score, "bias", None) is not None:
             raise NotImplementedError("a classification head with a bias is not supported; use backend='reference'")
         self.model = model
@@ -77,7 +79,8 @@ class TorchBackend:
         decoder = getattr(model, model.base_model_prefix)
         if compile:
             compile_decoder_layers(decoder)
-        self._one_at_a_time = threading.Lock() if compile else contextlib.nullcontext()
+        self.turns = TakingTurns()
+        self.layers = model.config.num_hidden_layers
         self.norm_weight, self.norm_eps, self.norm_variant = final_norm_of(decoder)
         # the head applies the final norm, to the last token of each item only
         self.runner = PrefixRunner(decoder, self.attention_op, final_norm=False)
@@ -97,7 +100,8 @@ class TorchBackend:
     def probs_many(self, encoded: list[Encoded], lru: PrefixLRU | None = None) -> list[torch.Tensor]:
         """Grade probabilities (N_q, K) of each encoded query's items; `lru`: recent prefixes to
         reuse and to keep (None: none)."""
-        with self._one_at_a_time:
+        tokens = sum(len(enc.prefix) + sum(map(len, enc.suffixes)) for enc in encoded if enc.suffixes)
+        with self.turns.call(tokens * self.layers):
             return self._probs_many(encoded, lru)
 
     def _probs_many(self, encoded: list[Encoded], lru: PrefixLRU | None) -> list[torch.Tensor]:

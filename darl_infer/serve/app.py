@@ -44,8 +44,10 @@ def create_app(
     """`info`: what /info adds about how the scorer was loaded (checkpoint, backend, dtype).
     `cascade`: (coarse scorer, keep): `scorer` then re-grades the coarse model's `keep` best."""
     metrics = Metrics()
-    scheduler = Scheduler(scorer, limits.max_batch_tokens, metrics)
-    coarse = None if cascade is None else Coarse(cascade[0], Scheduler(cascade[0], limits.max_batch_tokens, metrics), check_keep(cascade[1]))
+    scheduler = Scheduler(scorer, limits.max_batch_tokens, metrics, limits.concurrent_steps)
+    coarse = None if cascade is None else Coarse(
+        cascade[0], Scheduler(cascade[0], limits.max_batch_tokens, metrics, limits.concurrent_steps), check_keep(cascade[1])
+    )
     service = RerankService(scorer, limits, scheduler, metrics, coarse)
     workers = [scheduler] if coarse is None else [coarse.scheduler, scheduler]
 

@@ -33,7 +33,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-concurrent-requests", type=int, default=d.max_concurrent_requests,
                    help="requests in flight; more is 429 with Retry-After")
     p.add_argument("--max-batch-tokens", type=int, default=d.max_batch_tokens,
-                   help="tokens (each query's prefix once + items) the worker scores in one step")
+                   help="tokens (each query's prefix once + items) a worker scores in one step")
+    p.add_argument("--concurrent-steps", type=int, default=d.concurrent_steps,
+                   help="steps in flight at once; the torch backend hands the model between them by layers, least work left first")
     p.add_argument("--prefix-cache-mb", type=int, default=d.prefix_cache_mb,
                    help="MiB of recent prefixes' K/V kept for repeated queries (torch and triton backends; 0: none)")
     p.add_argument("--item-cache-mb", type=int, default=0,
@@ -82,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
         limits = Limits(
             max_client_batch_size=args.max_client_batch_size, payload_limit=args.payload_limit,
             max_concurrent_requests=args.max_concurrent_requests, max_batch_tokens=args.max_batch_tokens,
-            prefix_cache_mb=args.prefix_cache_mb,
+            concurrent_steps=args.concurrent_steps, prefix_cache_mb=args.prefix_cache_mb,
         )
         scorer, coarse, bi_encoders = load_models(args, limits)
     # bad flag values (a prefix cache for a backend that keeps none), an unknown backend, a broken checkpoint

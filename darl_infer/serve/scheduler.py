@@ -1,20 +1,23 @@
-"""The model worker: one thread that scores what is queued, a token budget at a time.
+"""The model workers: threads that score what is queued, a token budget at a time.
 
 Continuous batching without a timer, scheduled for latency: on a CPU, batching saves little time
 per token (bench/RESULTS.md, "The service under load"), so what a request waits for is mostly the
 work queued or running before it. So that a small request never waits long behind a large one:
 - a request is queued in pieces of at most half the step budget (`max_batch_tokens`), runs of
-  consecutive items (an item is never cut): a request arriving while a step runs waits for a step
-  of bounded size, whatever came before it;
-- when a step ends, the worker takes the queued pieces in order of response ratio (highest
-  response ratio next: time waited per token), the first always and each next one that fits the
-  budget, then keeps scanning only for pieces whose query is already in the step (they add no
-  prefix). A waiting piece's ratio grows as it waits, so a large request is never starved.
+  consecutive items (an item is never cut): whatever came before it, a request waits for steps of
+  bounded size;
+- a worker that is free takes the queued pieces in order of response ratio (highest response
+  ratio next: time waited per token), the first always and each next one that fits the budget,
+  then keeps scanning only for pieces whose query is already in the step (they add no prefix). A
+  waiting piece's ratio grows as it waits, so a large request is never starved;
+- `concurrent_steps` workers (default 2) each run a step: a request that arrives while a step runs
+  starts at once in another worker, and the torch backend hands the model between layers to the
+  step with the least work left (backends/turns.py), so it waits one layer of the running step,
+  not the whole step. The model still runs one pass at a time, every core on it.
 A request is answered when its last piece is scored. An item's score does not depend on the items
 scored with it (the prefix-reuse contract), so the pieces' results put back together equal
-scoring the request alone. A step is one `Scorer.score_many` call; when it fails, the requests
-with a piece in it fail and the worker goes on. Only this thread touches the model, so the Scorer
-needs no lock, and the change of the Scorer's prefix-LRU hit count across a step is that step's own.
+scoring the request alone. A step is one `Scorer.score_many` call (the Scorer is safe to share
+between threads); when it fails, the requests with a piece in it fail and the workers go on.
 """
 
 from __future__ import annotations
@@ -86,28 +89,34 @@ def joined(results: list[ScoreResult]) -> ScoreResult:
 
 
 class Scheduler:
-    def __init__(self, scorer, max_batch_tokens: int, metrics: Metrics):
+    def __init__(self, scorer, max_batch_tokens: int, metrics: Metrics, concurrent_steps: int = 2):
         self._scorer = scorer
         self._budget = max_batch_tokens
         self._metrics = metrics
         self._queue: deque[Piece] = deque()
         self._cond = threading.Condition()
         self._stopping = False
-        self._thread = threading.Thread(target=self._run, name="darl-serve-worker", daemon=True)
+        self._lru_hits_counted = 0
+        self._threads = [
+            threading.Thread(target=self._run, name=f"darl-serve-worker-{n}", daemon=True) for n in range(concurrent_steps)
+        ]
 
     def start(self) -> None:
-        self._thread.start()
+        self._lru_hits_counted = self._scorer.prefix_cache_stats()["hits"]
+        for thread in self._threads:
+            thread.start()
 
     def stop(self, timeout: float | None = None) -> None:
-        """Score what is still queued, then end the worker."""
+        """Score what is still queued, then end the workers."""
         with self._cond:
             self._stopping = True
             self._cond.notify_all()
-        self._thread.join(timeout)
+        for thread in self._threads:
+            thread.join(timeout)
 
     @property
     def healthy(self) -> bool:
-        return self._thread.is_alive() and not self._stopping
+        return all(thread.is_alive() for thread in self._threads) and not self._stopping
 
     def submit(self, request: Request) -> Job:
         pieces = split_request(request, max(1, self._budget // 2))
@@ -167,7 +176,6 @@ class Scheduler:
         m.batch_tokens.observe(plan.tokens)
         m.batch_requests.observe(len(jobs))
         m.prefix_hits.labels(kind="in_flight").inc(plan.shared)
-        lru_hits = self._scorer.prefix_cache_stats()["hits"]
         try:
             results = plan.split(self._scorer.score_many(plan.batch()))
         except Exception as exc:  # any failure of the forward pass fails this step's requests only
@@ -185,7 +193,14 @@ class Scheduler:
                     _settle(job.future, joined([job.results[n] for n in range(job.pieces)]), None)
         finally:
             m.inference_duration.observe(time.perf_counter() - start)
-            m.prefix_hits.labels(kind="lru").inc(self._scorer.prefix_cache_stats()["hits"] - lru_hits)
+            self._count_lru_hits()
+
+    def _count_lru_hits(self) -> None:
+        """The Scorer's LRU hits since the last count: with steps side by side, a step cannot tell its own."""
+        with self._cond:
+            hits = self._scorer.prefix_cache_stats()["hits"]
+            self._metrics.prefix_hits.labels(kind="lru").inc(hits - self._lru_hits_counted)
+            self._lru_hits_counted = hits
 
 
 def _settle(future: asyncio.Future, result, exc: BaseException | None) -> None:
