@@ -202,14 +202,14 @@ def alone_latencies(url: str, bodies: list[bytes], items: list[int], n: int, tim
     return out
 
 
-def worker_totals(url: str) -> tuple[float, float] | None:
-    """darl's /metrics: (seconds its worker spent in forward passes, items it scored) so far; None
-    for a server without them (the peer)."""
+def model_totals(url: str) -> tuple[float, float] | None:
+    """darl's /metrics: (seconds with a scoring step running, items it scored) so far; None for a
+    server without them (the peer)."""
     text = httpx.get(f"{url}/metrics").text  # the peer answers 404
-    found = dict(re.findall(r"^(darl_inference_duration_seconds_sum|darl_batch_items_sum) ([0-9.e+-]+)$", text, re.M))
+    found = dict(re.findall(r"^(darl_model_busy_seconds_total|darl_batch_items_sum) ([0-9.e+-]+)$", text, re.M))
     if len(found) < 2:
         return None
-    return float(found["darl_inference_duration_seconds_sum"]), float(found["darl_batch_items_sum"])
+    return float(found["darl_model_busy_seconds_total"]), float(found["darl_batch_items_sum"])
 
 
 def sweep(name: str, url: str, bodies: list[bytes], items: list[int], args) -> dict:
@@ -222,11 +222,11 @@ def sweep(name: str, url: str, bodies: list[bytes], items: list[int], args) -> d
     print(f"{name}: capacity {json.dumps(capacity)}", file=sys.stderr)
     steps = []
     for n, factor in enumerate(args.factors):
-        before = worker_totals(url)
+        before = model_totals(url)
         step = asyncio.run(open_loop(f"{url}/rerank", bodies, items, factor / l1, args, seed=n))
-        if before is not None:  # the worker's own speed under this load: items per second of forward passes
-            busy, scored = (b - a for a, b in zip(before, worker_totals(url)))
-            step["worker_items_per_busy_s"], step["worker_busy"] = scored / max(busy, 1e-9), busy / step["wall_s"]
+        if before is not None:  # the model's own speed under this load: items per second it had a step running
+            busy, scored = (b - a for a, b in zip(before, model_totals(url)))
+            step["model_items_per_busy_s"], step["model_busy"] = scored / max(busy, 1e-9), busy / step["wall_s"]
         step["p95_over_l1"] = step["p95_ms"] / (l1 * 1000)
         slowdowns = [lat / (intercept + slope * n_items) for lat, n_items in step["answered"]]
         step["p95_slowdown"] = float(np.percentile(slowdowns, 95)) if slowdowns else float("nan")
@@ -251,16 +251,16 @@ def sustainable(steps: list[dict], key: str) -> dict | None:
 def table(rows: list[tuple[str, dict]]) -> list[str]:
     out = [
         "| server | offered req/s | sent | req/s | items/s | p50 ms | p95 ms | p99 ms | p95 slowdown | p95 / L1 | statuses "
-        "| worker items/busy-s | worker busy |",
+        "| model items/busy-s | model busy |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|",
     ]
     for name, s in rows:
         statuses = ", ".join(f"{k}: {v}" for k, v in sorted(s["statuses"].items()))
-        worker = (f"{s['worker_items_per_busy_s']:.1f} | {s['worker_busy']:.0%}" if "worker_busy" in s else "– | –")
+        model = (f"{s['model_items_per_busy_s']:.1f} | {s['model_busy']:.0%}" if "model_busy" in s else "– | –")
         out.append(
             f"| {name} | {s['offered_rps']:.2f} | {s['sent']} | {s['rps']:.2f} | {s['items_per_s']:.1f} | {s['p50_ms']:.0f} "
             f"| {s['p95_ms']:.0f} | {s['p99_ms']:.0f} | {s.get('p95_slowdown', float('nan')):.2f} "
-            f"| {s.get('p95_over_l1', float('nan')):.2f} | {statuses} | {worker} |"
+            f"| {s.get('p95_over_l1', float('nan')):.2f} | {statuses} | {model} |"
         )
     return out
 

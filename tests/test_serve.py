@@ -154,6 +154,7 @@ def test_health_info_metrics(scorer):
                  "darl_batch_items_bucket", "darl_batch_tokens_bucket", "darl_prefix_cache_hits_total", "darl_requests_in_flight"):
         assert name in text
     assert metric(app, "darl_batch_items_sum") == 2
+    assert 0 < metric(app, "darl_model_busy_seconds_total") <= metric(app, "darl_inference_duration_seconds_sum")
 
 
 # --- bad requests --------------------------------------------------------------------------------
@@ -342,7 +343,7 @@ def test_large_request_is_scored_in_pieces_and_a_small_one_goes_between(scorer, 
 
 
 def test_a_request_is_scored_while_another_step_is_in_flight(scorer, rng):
-    """With the default two workers, a request that arrives while a step runs does not wait for it."""
+    """With the default workers (3), a request that arrives while a step runs does not wait for it."""
     gate = Gated(scorer, held=1)
     app = create_app(gate)
     body = {"query": "w3", "texts": ragged_items(rng, 4, max_tokens=12), "raw_scores": True}

@@ -14,7 +14,7 @@ class Limits:
     payload_limit: int = 2_000_000        # request body bytes; more is 413
     max_concurrent_requests: int = 512    # requests admitted and not yet answered; more is 429
     max_batch_tokens: int = 4096          # tokens (each prefix once + items) per scoring step; requests queue in pieces of half
-    concurrent_steps: int = 2             # steps in flight; the torch backend hands the model between them by layers
+    concurrent_steps: int = 3             # steps in flight; the torch backend hands the model between them by layers
     prefix_cache_mb: int = 0              # MiB of recent prefixes' K/V the Scorer keeps (its LRU); 0: none
 
     def __post_init__(self):

@@ -29,6 +29,10 @@ class Metrics:
         self.inference_duration = Histogram(
             "darl_inference_duration_seconds", "One scoring step (one score_many call)", buckets=SECONDS, registry=r
         )
+        self.busy = Counter(
+            "darl_model_busy_seconds", "Seconds during which at least one scoring step ran (steps side by side count once)",
+            registry=r,
+        )
         self.batch_items = Histogram("darl_batch_items", "Items scored in one step (after deduplication)", buckets=ITEMS, registry=r)
         self.batch_tokens = Histogram("darl_batch_tokens", "Tokens in one step: each prefix once + items", buckets=TOKENS, registry=r)
         self.batch_requests = Histogram("darl_batch_requests", "Requests served by one step", buckets=ITEMS, registry=r)

@@ -10,7 +10,7 @@ work queued or running before it. So that a small request never waits long behin
   ratio next: time waited per token), the first always and each next one that fits the budget,
   then keeps scanning only for pieces whose query is already in the step (they add no prefix). A
   waiting piece's ratio grows as it waits, so a large request is never starved;
-- `concurrent_steps` workers (default 2) each run a step: a request that arrives while a step runs
+- `concurrent_steps` workers (default 3) each run a step: a request that arrives while a step runs
   starts at once in another worker, and the torch backend hands the model between layers to the
   step with the least work left (backends/turns.py), so it waits one layer of the running step,
   not the whole step. The model still runs one pass at a time, every core on it.
@@ -89,7 +89,7 @@ def joined(results: list[ScoreResult]) -> ScoreResult:
 
 
 class Scheduler:
-    def __init__(self, scorer, max_batch_tokens: int, metrics: Metrics, concurrent_steps: int = 2):
+    def __init__(self, scorer, max_batch_tokens: int, metrics: Metrics, concurrent_steps: int = 3):
         self._scorer = scorer
         self._budget = max_batch_tokens
         self._metrics = metrics
@@ -97,6 +97,7 @@ class Scheduler:
         self._cond = threading.Condition()
         self._stopping = False
         self._lru_hits_counted = 0
+        self._steps_running, self._busy_counted_to = 0, 0.0  # for the busy-seconds counter
         self._threads = [
             threading.Thread(target=self._run, name=f"darl-serve-worker-{n}", daemon=True) for n in range(concurrent_steps)
         ]
@@ -167,6 +168,10 @@ class Scheduler:
 
     def _score(self, plan: BatchPlan, pieces: list[Piece]) -> None:
         m, start = self._metrics, time.perf_counter()
+        with self._cond:
+            if not self._steps_running:
+                self._busy_counted_to = start
+            self._steps_running += 1
         jobs = list(dict.fromkeys(piece.job for piece in pieces))
         for job in jobs:
             if not job.started:  # a request's wait until its first piece's step starts
@@ -192,7 +197,12 @@ class Scheduler:
                 if len(job.results) == job.pieces:
                     _settle(job.future, joined([job.results[n] for n in range(job.pieces)]), None)
         finally:
-            m.inference_duration.observe(time.perf_counter() - start)
+            end = time.perf_counter()
+            m.inference_duration.observe(end - start)
+            with self._cond:  # busy time up to now, counted at the end of every step
+                m.busy.inc(max(0.0, end - self._busy_counted_to))
+                self._busy_counted_to = max(end, self._busy_counted_to)
+                self._steps_running -= 1
             self._count_lru_hits()
 
     def _count_lru_hits(self) -> None:
