@@ -103,15 +103,22 @@ def test_a_small_call_overtakes_a_running_large_one_with_the_scores_it_gets_alon
 
     runner.attention_op = held_once
     got, order = {}, []
+    probs_many = scorer.backend._probs_many
+
+    def recorded(*args):  # runs within the call's turn: `order` is the order the calls ended in
+        out = probs_many(*args)
+        order.append(threading.current_thread().name)
+        return out
+
+    scorer.backend._probs_many = recorded
 
     def score(name, job):
         got[name] = scorer.score(*job).probs
-        order.append(name)
 
-    threads = [threading.Thread(target=score, args=("large", large))]
+    threads = [threading.Thread(target=score, args=("large", large), name="large")]
     threads[0].start()
     assert inside.wait(10)
-    threads.append(threading.Thread(target=score, args=("small", small)))
+    threads.append(threading.Thread(target=score, args=("small", small), name="small"))
     threads[1].start()
     _until(lambda: scorer.backend.turns.waiting == 1)
     resume.set()
