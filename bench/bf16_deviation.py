@@ -22,7 +22,7 @@ from torch import nn
 from compare import machine
 from darl_infer import Scorer
 from load import DATA, workload
-from row import replace_decoder_linears
+from darl_infer.backends.int8_linear import replace_decoder_linears
 
 BF16_TOLERANCE = 2e-2
 

@@ -13,7 +13,8 @@ so its peak RSS is its own:
   torch, onnx   darl_infer, the prefix once per query and the items against it
   onnx-int8     opt-in (--rows): the onnx row on a dynamic-int8 export (lossy: Δprob reported, no tolerance)
   torch-compiled  opt-in (--rows): the torch row with compile=True (each decoder layer under torch.compile, inductor)
-  torch-int8    opt-in (--rows): the torch row with the decoder's Linear layers in torch.ao dynamic int8 (lossy)
+  torch-int8    opt-in (--rows): the torch-compiled row with dtype="int8"'s per-token int8 Linear layers, the
+                rest in the table's dtype (lossy; needs AMX-INT8 or AVX-512-VNNI)
 Columns: items/s, p50/p95 ms per query, peak RSS, max |Δprob| against the oracle (reference fp32)
 and whether that is within the backend's tolerance, useful GFLOP per item (pairwise rows run the
 prefix for every pair, darl_infer once per query) and the fraction of the machine's measured
@@ -50,7 +51,7 @@ from workload import CACHE, FlopModel, build_cases, checkpoint_cache, darl_onnx_
 HERE = Path(__file__).resolve().parent
 ROWS = ["hf-pairwise", "crossencoder", "ort-pairs", "optimum", "reference", "torch", "torch-compiled", "torch-int8", "onnx", "onnx-int8"]
 # exported graphs run in the precision they were exported in; int8 rows quantize fp32 weights
-FP32_ONLY = {"ort-pairs", "optimum", "onnx", "onnx-int8", "torch-int8"}
+FP32_ONLY = {"ort-pairs", "optimum", "onnx", "onnx-int8"}
 SHARED_PREFIX = {"torch", "torch-compiled", "torch-int8", "onnx", "onnx-int8"}  # rows that run the prefix once per query
 LOSSY = {"onnx-int8", "torch-int8"}
 OPT_IN = LOSSY | {"torch-compiled"}  # rows run only when --rows names them

@@ -1,12 +1,13 @@
-"""What int8 in the decoder's Linear layers would cost and gain against fp32: an experiment, not
-a darl_infer dtype (bench/RESULTS.md, "int8": it failed the quality goal).
+"""What int8 in the decoder's Linear layers costs and gains against fp32 (bench/RESULTS.md, "int8").
 
-    python bench/int8_quality.py --teacher-cache runs/teacher_cache --out bench/results/int8.md
-    python bench/int8_quality.py --method per-token --base-dtype bf16 --compile   # AMX-INT8 / VNNI CPUs
+    python bench/int8_quality.py --compile --out bench/results/int8.md     # dtype="int8" (AMX-INT8 / VNNI CPUs)
+    python bench/int8_quality.py --method dynamic                         # torch.ao's, for comparison
 
-Methods: `dynamic`, torch.ao's dynamic int8 (one activation scale per call) on the fp32 model;
-`per-token`, bench/int8_per_token.py (one scale per token, oneDNN int8 matmuls) on the model in
---base-dtype, optionally with the torch backend's compile=True.
+Methods: `per-token` (the default), darl_infer's dtype="int8" (darl_infer/backends/int8_linear.py:
+one scale per token, oneDNN int8 matmuls, the rest in the float dtype "auto" picks; set
+DARL_INFER_AUTO_DTYPE=fp32 for fp32 there), optionally with the torch backend's compile=True;
+`dynamic`, torch.ao's dynamic int8 (one activation scale per call) on the fp32 model, not a
+darl_infer dtype (its scores move with the batch).
 
 Quality: darl-eval's metrics (training/evaluate.py::report) on the same seeded 1,000-pair dev
 samples and foreign-item draws as the training table, and max |Δprob| of int8 against fp32 over
@@ -36,17 +37,13 @@ from darl_infer.training.evaluate import foreign_pairs
 from darl_infer.training.teacher_cache import score_pairs, teacher_probs
 
 
-def int8_scorer(directory, method: str, base_dtype: str, compile: bool) -> Scorer:
+def int8_scorer(directory, method: str, compile: bool) -> Scorer:
     """The checkpoint with the decoder's Linear layers in int8 by `method` (see the docstring)."""
     if method == "dynamic":
         scorer = Scorer.from_pretrained(directory, dtype="fp32", backend="torch")
         quantize_decoder_int8(scorer.backend.model)
         return scorer
-    from int8_per_token import quantize_decoder_per_token_int8
-
-    scorer = Scorer.from_pretrained(directory, dtype=base_dtype, backend="torch")
-    quantize_decoder_per_token_int8(scorer.backend.model)  # before compiling: the layers compile with it
-    return Scorer(scorer.backend.model, scorer.encoder.tokenizer, scorer.spec, backend="torch", compile=compile) if compile else scorer
+    return Scorer.from_pretrained(directory, dtype="int8", **({"compile": True} if compile else {}))
 
 
 def main() -> None:
@@ -57,8 +54,7 @@ def main() -> None:
     p.add_argument("--items", type=int, default=100)
     p.add_argument("--teacher-cache", default="runs/teacher_cache")
     p.add_argument("--out", default=None)
-    p.add_argument("--method", default="dynamic", choices=["dynamic", "per-token"])
-    p.add_argument("--base-dtype", default="fp32", choices=["fp32", "bf16"], help="per-token: the dtype of everything but the int8 matmuls")
+    p.add_argument("--method", default="per-token", choices=["per-token", "dynamic"])
     p.add_argument("--compile", action="store_true", help="per-token: the torch backend's compile=True")
     args = p.parse_args()
     started = time.time()
@@ -66,8 +62,9 @@ def main() -> None:
     shown = sorted({(pr.query, pr.item) for pairs in dev.values() for pr in pairs} |
                    {pair for pairs in dev.values() for pair in foreign_pairs(pairs)})
     directory = resolve_checkpoint(args.checkpoint)
-    scorers = {"fp32": Scorer.from_pretrained(directory, dtype="fp32"), "int8": int8_scorer(directory, args.method, args.base_dtype, args.compile)}
-    if args.method == "per-token" and args.base_dtype == "bf16":  # the speed to beat: bf16 without int8
+    scorers = {"fp32": Scorer.from_pretrained(directory, dtype="fp32"), "int8": int8_scorer(directory, args.method, args.compile)}
+    float_dtype = scorers["int8"].backend.model.dtype  # per-token: the speed to beat is that dtype without int8
+    if args.method == "per-token" and float_dtype != torch.float32:
         scorers["bf16"] = Scorer.from_pretrained(directory, dtype="bf16", **({"compile": True} if args.compile else {}))
     probs = {"fp32": teacher_probs(directory, shown, args.teacher_cache)}
     print(f"scoring {len(shown)} evaluation pairs in int8", flush=True)

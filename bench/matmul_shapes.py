@@ -4,7 +4,7 @@ matmul (oneDNN) runs each decoder projection at a given number of packed tokens.
     python bench/matmul_shapes.py --dtype bf16 --tokens 700 1300 2600 --threads 2
 
 `cores busy` is CPU time over wall time: below the thread count, the library left cores idle.
-`--dtype int8`: the int8 matmul of bench/int8_per_token.py alone (activations already quantized),
+`--dtype int8`: the int8 matmul of dtype="int8" (darl_infer/backends/int8_linear.py) alone (activations already quantized),
 with its error against the exact integer product.
 """
 
@@ -35,8 +35,8 @@ def timed(fn, repeats: int) -> tuple[float, float]:
 
 
 def int8_timed(tokens: int, fan_in: int, fan_out: int, repeats: int) -> tuple[float, float, str]:
-    """(wall, CPU) seconds of bench/int8_per_token.py's int8 matmul, and its relative error."""
-    from int8_per_token import check_int8_dot_products, int8_matmul
+    """(wall, CPU) seconds of dtype="int8"'s matmul (darl_infer/backends/int8_linear.py), and its relative error."""
+    from darl_infer.backends.int8_linear import check_int8_dot_products, int8_matmul
 
     check_int8_dot_products()
     qx = torch.randint(-127, 128, (tokens, fan_in), dtype=torch.int8)

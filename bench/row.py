@@ -60,17 +60,6 @@ def pair_batches(query: dict):
 # --- darl_infer backends -------------------------------------------------------------------------
 
 
-def replace_decoder_linears(model, wrap) -> None:
-    """Every nn.Linear of the decoder layers replaced by `wrap(linear)`, in place (the head stays)."""
-    from torch import nn
-
-    for layer in getattr(model, model.base_model_prefix).layers:
-        for name, module in list(layer.named_modules()):
-            if isinstance(module, nn.Linear):
-                parent, _, attr = name.rpartition(".")
-                setattr(layer.get_submodule(parent) if parent else layer, attr, wrap(module))
-
-
 def quantize_decoder_int8(model) -> None:
     """torch.ao's dynamic int8 in every nn.Linear of the decoder stack (weights per output channel,
     activations per tensor from each call's range; x86/fbgemm kernels); the classification head
@@ -82,6 +71,13 @@ def quantize_decoder_int8(model) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.ao.quantization announces its move to torchao
         torch.ao.quantization.quantize_dynamic(getattr(model, model.base_model_prefix), {torch.nn.Linear}, dtype=torch.qint8, inplace=True)
+
+
+def quantize_int8(model) -> None:
+    """dtype="int8"'s per-token int8 Linear layers (darl_infer/backends/int8_linear.py), in place."""
+    from darl_infer.backends.int8_linear import quantize_decoder_linears
+
+    quantize_decoder_linears(model)
 
 
 def darl_row(backend: str, prepare=None, **options):
@@ -221,7 +217,7 @@ ROWS = {
     "reference": darl_row("reference"),
     "torch": darl_row("torch"),
     "torch-compiled": darl_row("torch", compile=True),
-    "torch-int8": darl_row("torch", quantize_decoder_int8),
+    "torch-int8": darl_row("torch", quantize_int8, compile=True),
     "onnx": darl_row("onnx"),
     "onnx-int8": darl_row("onnx"),  # the same backend on the int8 export that --onnx-export names
     "hf-pairwise": hf_pairwise,

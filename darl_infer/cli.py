@@ -48,7 +48,7 @@ def at_least(minimum: int):
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", default=None, help="checkpoint directory (default: the embedded default model)")
     p.add_argument("--backend", default="auto", choices=BACKEND_CHOICES)
-    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16", "int8"])
     p.add_argument("--compile", action="store_true",
                    help="the decoder layers under torch.compile (torch backend; faster in bf16, the first call compiles)")
     p.add_argument("--cascade", default=None, metavar="COARSE",

@@ -17,7 +17,8 @@ from .backends.prefix_cache import PrefixLRU
 from .checkpoint import SPEC_FILE, CheckpointSpec, read_spec, resolve_checkpoint
 from .bi_encoder import BiEncoderScorer
 from .cascade import CascadeScorer
-from .loading import dtype_name, load_checkpoint_model, resolve_device, resolve_dtype
+from .backends.int8_linear import check_int8_dot_products, quantize_decoder_linears
+from .loading import auto_dtype, dtype_name, load_checkpoint_model, resolve_device, resolve_dtype
 from .ranking import Ranker, ScoreResult
 from .validate import check_int
 
@@ -29,6 +30,15 @@ def check_prefix_cache_mb(value, backend: str) -> None:
         raise ValueError(
             f"prefix_cache_mb needs a backend that reuses prefixes (torch or triton); backend {backend!r} keeps none"
         )
+
+
+def check_int8_request(backend: str, device: torch.device) -> None:
+    """dtype="int8" (backends/int8_linear.py): the torch backend on a CPU with int8 dot products."""
+    if device.type != "cpu":
+        raise ValueError(f"dtype='int8' runs on the CPU; on {device} use dtype='bf16' or 'fp16'")
+    if backend not in ("auto", "torch"):
+        raise ValueError(f"dtype='int8' runs in the torch backend, not {backend!r}")
+    check_int8_dot_products()
 
 
 class Scorer(Ranker):
@@ -64,14 +74,23 @@ class Scorer(Ranker):
         A bi-encoder checkpoint gives a `BiEncoderScorer` (bi_encoder.py; options `token_budget`,
         `item_cache_mb`).
 
+        `dtype`: "auto" (bf16 on CUDA and on CPUs with AMX or AVX-512-BF16, else fp32), "fp32",
+        "bf16", "fp16", or "int8" (opt-in, lossy: the decoder's Linear layers in per-token int8 on
+        CPUs with AMX-INT8 or AVX-512-VNNI, the rest as "auto"; backends/int8_linear.py).
+
         Every argument and the checkpoint's darl.json are checked before the model is loaded.
         """
         if backend not in BACKEND_CHOICES:
             raise ValueError(f"unknown backend {backend!r}; choose one of {list(BACKEND_CHOICES)}")
         resolved_device = resolve_device(device)
-        resolved_dtype = resolve_dtype(dtype, resolved_device)
+        int8 = isinstance(dtype, str) and dtype == "int8"
+        if int8:
+            check_int8_request(backend, resolved_device)
+        resolved_dtype = auto_dtype(resolved_device) if int8 else resolve_dtype(dtype, resolved_device)
         directory = resolve_checkpoint(name_or_path)
         raw = read_spec(directory)
+        if int8 and raw.get("bi_encoder") is not None:
+            raise ValueError(f"{directory} is a bi-encoder checkpoint: dtype='int8' is for cross-encoder checkpoints")
         if raw.get("bi_encoder") is not None:
             return cls._bi_encoder(directory, raw, backend, resolved_dtype, resolved_device, prefix_cache_mb, **backend_options)
         if is_onnx_export(raw) or backend == "onnx":
@@ -83,7 +102,12 @@ class Scorer(Ranker):
         check_prefix_cache_mb(prefix_cache_mb, backend)
         spec = CheckpointSpec.from_dict(raw, directory / SPEC_FILE)
         model, tokenizer = load_checkpoint_model(directory, spec, resolved_dtype, resolved_device)
-        return cls(model, tokenizer, spec, backend=backend, prefix_cache_mb=prefix_cache_mb, **backend_options)
+        if int8:
+            quantize_decoder_linears(model)
+        scorer = cls(model, tokenizer, spec, backend=backend, prefix_cache_mb=prefix_cache_mb, **backend_options)
+        if int8:
+            scorer.dtype = "int8"
+        return scorer
 
     @classmethod
     def _from_onnx_export(

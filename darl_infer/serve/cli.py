@@ -22,7 +22,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     d = Limits()
     p.add_argument("--checkpoint", default=None, help="checkpoint directory (default: the embedded default model)")
     p.add_argument("--backend", default="auto", help="reference, torch, triton, onnx or auto (the Scorer's choice)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16", "int8"])
     p.add_argument("--compile", action="store_true",
                    help="a cross-encoder's decoder layers under torch.compile (torch backend; faster in bf16, the first request compiles)")
     p.add_argument("--host", default="127.0.0.1")
