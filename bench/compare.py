@@ -126,7 +126,7 @@ def run_row(row, dtype, case_index, n_queries, n_items, args, paths) -> dict:
 def machine() -> str:
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), platform.machine())
     flags = next((line.split(":", 1)[1].split() for line in open("/proc/cpuinfo") if line.startswith("flags")), [])
-    simd = [f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
+    simd = [f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16", "avx512_vnni", "amx_int8") if f in flags]
     return f"{cpu}, {os.cpu_count()} cores, {' '.join(simd)}; every row and the peak use {torch.get_num_threads()} thread(s)"
 
 

@@ -37,13 +37,21 @@ from darl_infer.training.evaluate import foreign_pairs
 from darl_infer.training.teacher_cache import score_pairs, teacher_probs
 
 
-def int8_scorer(directory, method: str, compile: bool) -> Scorer:
-    """The checkpoint with the decoder's Linear layers in int8 by `method` (see the docstring)."""
+def int8_scorer(directory, method: str, compile: bool, only: list[str] | None) -> Scorer:
+    """The checkpoint with the decoder's Linear layers in int8 by `method` (see the docstring);
+    `only`: just the projections of these names (an experiment: the others stay in float)."""
+    options = {"compile": True} if compile else {}
     if method == "dynamic":
         scorer = Scorer.from_pretrained(directory, dtype="fp32", backend="torch")
         quantize_decoder_int8(scorer.backend.model)
         return scorer
-    return Scorer.from_pretrained(directory, dtype="int8", **({"compile": True} if compile else {}))
+    if only is None:
+        return Scorer.from_pretrained(directory, dtype="int8", **options)
+    from darl_infer.backends.int8_linear import quantize_decoder_linears
+
+    scorer = Scorer.from_pretrained(directory, **options)  # compiles on the first call: after this
+    quantize_decoder_linears(scorer.backend.model, tuple(only))
+    return scorer
 
 
 def main() -> None:
@@ -55,6 +63,7 @@ def main() -> None:
     p.add_argument("--teacher-cache", default="runs/teacher_cache")
     p.add_argument("--out", default=None)
     p.add_argument("--method", default="per-token", choices=["per-token", "dynamic"])
+    p.add_argument("--only", nargs="+", help="per-token: int8 in these projections only (e.g. q_proj k_proj v_proj o_proj gate_proj up_proj)")
     p.add_argument("--compile", action="store_true", help="per-token: the torch backend's compile=True")
     args = p.parse_args()
     started = time.time()
@@ -62,13 +71,16 @@ def main() -> None:
     shown = sorted({(pr.query, pr.item) for pairs in dev.values() for pr in pairs} |
                    {pair for pairs in dev.values() for pair in foreign_pairs(pairs)})
     directory = resolve_checkpoint(args.checkpoint)
-    scorers = {"fp32": Scorer.from_pretrained(directory, dtype="fp32"), "int8": int8_scorer(directory, args.method, args.compile)}
+    scorers = {"fp32": Scorer.from_pretrained(directory, dtype="fp32"), "int8": int8_scorer(directory, args.method, args.compile, args.only)}
     float_dtype = scorers["int8"].backend.model.dtype  # per-token: the speed to beat is that dtype without int8
     if args.method == "per-token" and float_dtype != torch.float32:
         scorers["bf16"] = Scorer.from_pretrained(directory, dtype="bf16", **({"compile": True} if args.compile else {}))
     probs = {"fp32": teacher_probs(directory, shown, args.teacher_cache)}
     print(f"scoring {len(shown)} evaluation pairs in int8", flush=True)
     probs["int8"] = score_pairs(scorers["int8"], shown)
+    if "bf16" in scorers:  # how much of int8's cost is its float dtype's
+        print(f"scoring {len(shown)} evaluation pairs in bf16", flush=True)
+        probs["bf16"] = score_pairs(scorers["bf16"], shown)
     tables = {name: Table(scorers[name].spec, dict(zip(shown, p))) for name, p in probs.items()}
     q = quality(tables, dev)
     workload = homedepot_workload(DATA / "homedepot" / "dev.jsonl", args.queries, args.items, seed=0)
@@ -95,7 +107,8 @@ def main() -> None:
               "| dtype | items/s | × fp32 | p50 ms / query | p95 ms / query |", "|---|---:|---:|---:|---:|"]
     for name, r in s.items():
         lines.append(f"| {name} | {r['items_per_s']:.1f} | {r['items_per_s'] / s['fp32']['items_per_s']:.2f} | {r['p50_ms']:.0f} | {r['p95_ms']:.0f} |")
-    lines += ["", f"- checkpoint: {args.checkpoint or 'default model'}; torch {torch.__version__}, quantized engine {torch.backends.quantized.engine}",
+    lines += ["", f"- checkpoint: {args.checkpoint or 'default model'}; int8's float dtype {str(float_dtype).removeprefix('torch.')}"
+                  f"{', compile=True' if args.compile else ''}; torch {torch.__version__}, quantized engine {torch.backends.quantized.engine}",
               f"- machine: {machine()}", f"- run: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {(time.time() - started) / 60:.1f} min",
               f"- command: `python bench/int8_quality.py {' '.join(sys.argv[1:])}`"]
     table = "\n".join(lines) + "\n"

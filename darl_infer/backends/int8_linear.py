@@ -72,17 +72,18 @@ class PerTokenInt8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 per token"
 
 
-def replace_decoder_linears(model: nn.Module, wrap) -> None:
-    """Every nn.Linear of the decoder layers replaced by `wrap(linear)`, in place (the head stays)."""
+def replace_decoder_linears(model: nn.Module, wrap, names: tuple[str, ...] | None = None) -> None:
+    """Every nn.Linear of the decoder layers (those whose attribute name is in `names`, if given)
+    replaced by `wrap(linear)`, in place (the head stays)."""
     for layer in getattr(model, model.base_model_prefix).layers:
         for name, module in list(layer.named_modules()):
-            if isinstance(module, nn.Linear):
-                parent, _, attr = name.rpartition(".")
+            parent, _, attr = name.rpartition(".")
+            if isinstance(module, nn.Linear) and (names is None or attr in names):
                 setattr(layer.get_submodule(parent) if parent else layer, attr, wrap(module))
 
 
-def quantize_decoder_linears(model: nn.Module) -> None:
-    """Every nn.Linear of the decoder layers in per-token int8, in place (the head stays as it is:
-    the fused head reads its weight)."""
+def quantize_decoder_linears(model: nn.Module, names: tuple[str, ...] | None = None) -> None:
+    """The decoder layers' nn.Linear (those named in `names`, if given) in per-token int8, in place
+    (the head stays as it is: the fused head reads its weight)."""
     check_int8_dot_products()
-    replace_decoder_linears(model, PerTokenInt8Linear)
+    replace_decoder_linears(model, PerTokenInt8Linear, names)
