@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import importlib.metadata
-import itertools
 import json
 import random
 import shlex
@@ -267,37 +266,45 @@ def main() -> None:
             _, oracle = timed(oracle_fn, check_queries)
             del oracle_fn
             base = {}  # N -> hf-pairwise items/s
-            for n_items, row in itertools.product(sorted(args.items), ["reference", "hf-pairwise", "torch", "triton"]):
-                if row not in args.rows or (row == "reference" and n_items != CHECKED_ITEMS) or (row == "triton" and device != "cuda"):
+            for row in ["reference", "hf-pairwise", "torch", "triton"]:  # hf-pairwise first: the × column
+                if row not in args.rows or (row == "triton" and device != "cuda"):
                     continue
-                if row == "hf-pairwise":
-                    fn, _ = hf_pairwise(checkpoint, torch.bfloat16, device)
-                else:
-                    fn, _ = scorer_fn(checkpoint, row, "bf16", device, args.token_budget)
-                queries = make_queries(args.queries + 1, n_items, seed=1000 + n_items)
-                latencies, _ = timed(fn, queries)
-                _, checked = timed(fn, check_queries)
-                diff = max(float(np.abs(p - o).max()) for p, o in zip(checked, oracle))
-                encoded = [encoder.encode(q, items) for q, items in queries[1:]]
-                count = FlopModel.pairwise if row in ("reference", "hf-pairwise") else FlopModel.shared_prefix
-                work = sum(count(flops, len(e.prefix), [len(s) for s in e.suffixes]) for e in encoded)
-                items_per_s = n_items * len(latencies) / sum(latencies)
-                if row == "hf-pairwise":
-                    base[n_items] = items_per_s
-                tflops = work / sum(latencies) / 1e12
-                lines.append(
-                    f"| {name} | {tokens} | {n_items} | {row} | {items_per_s:.0f} | {f'{items_per_s / base[n_items]:.1f}' if n_items in base else '–'} "
-                    f"| {1e3 * statistics.median(latencies):.1f} | {1e3 * float(np.percentile(latencies, 95)):.1f} | {diff:.1e} "
-                    f"| {'yes' if diff <= TOLERANCE[torch.bfloat16] else 'NO'} | {tflops:.1f} | {100 * tflops * 1e12 / peak:.1f} |"
-                )
-                print(lines[-1], flush=True)
-                del fn
+                try:  # one failing row must not cost the rest of a GPU run
+                    if row == "hf-pairwise":
+                        fn, _ = hf_pairwise(checkpoint, torch.bfloat16, device)
+                    else:
+                        fn, _ = scorer_fn(checkpoint, row, "bf16", device, args.token_budget)
+                    _, checked = timed(fn, check_queries)
+                    diff = max(float(np.abs(p - o).max()) for p, o in zip(checked, oracle))
+                    for n_items in [CHECKED_ITEMS] if row == "reference" else sorted(args.items):
+                        queries = make_queries(args.queries + 1, n_items, seed=1000 + n_items)
+                        latencies, _ = timed(fn, queries)
+                        encoded = [encoder.encode(q, items) for q, items in queries[1:]]
+                        count = FlopModel.pairwise if row in ("reference", "hf-pairwise") else FlopModel.shared_prefix
+                        work = sum(count(flops, len(e.prefix), [len(s) for s in e.suffixes]) for e in encoded)
+                        items_per_s = n_items * len(latencies) / sum(latencies)
+                        if row == "hf-pairwise":
+                            base[n_items] = items_per_s
+                        tflops = work / sum(latencies) / 1e12
+                        lines.append(
+                            f"| {name} | {tokens} | {n_items} | {row} | {items_per_s:.0f} | {f'{items_per_s / base[n_items]:.1f}' if n_items in base else '–'} "
+                            f"| {1e3 * statistics.median(latencies):.1f} | {1e3 * float(np.percentile(latencies, 95)):.1f} | {diff:.1e} "
+                            f"| {'yes' if diff <= TOLERANCE[torch.bfloat16] else 'NO'} | {tflops:.1f} | {100 * tflops * 1e12 / peak:.1f} |"
+                        )
+                        print(lines[-1], flush=True)
+                        if args.out:
+                            Path(args.out).write_text(report())
+                    del fn
+                except Exception as error:  # noqa: BLE001
+                    lines.append(f"| {name} | {tokens} | – | {row} | failed: {type(error).__name__}: {str(error)[:200]} |")
+                    print(lines[-1], flush=True)
                 if device == "cuda":
                     torch.cuda.empty_cache()
-                if args.out:
-                    Path(args.out).write_text(report())
     if not args.no_kernels and device == "cuda":
-        kernel_lines = kernel_rows(bandwidth, peak)
+        try:
+            kernel_lines = kernel_rows(bandwidth, peak)
+        except Exception as error:  # noqa: BLE001
+            kernel_lines = [f"kernels table failed: {type(error).__name__}: {error}"]
         print("\n".join(kernel_lines), flush=True)
     text = report()
     if args.out:
