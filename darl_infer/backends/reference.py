@@ -24,4 +24,4 @@ class ReferenceBackend:
         for suffix in enc.suffixes:
             ids = torch.tensor([enc.prefix + suffix], device=self.device)
             rows.append(self.model(input_ids=ids).logits[0].float().softmax(-1))
-        return torch.stack(rows) if rows else torch.empty(0, self.model.config.num_labels)
+        return torch.stack(rows).cpu() if rows else torch.empty(0, self.model.config.num_labels)  # on the CPU, as every backend's
