@@ -1,6 +1,7 @@
 """darl_infer on a CUDA GPU at the real base models' shapes, one run, one markdown table.
 
     python bench/gpu.py --out bench/results/gpu_<date>.md
+    bash bench/gpu_check.sh          # on a lent GPU machine: this, then the CUDA tests, one call
 
 A GPU machine here has no model hub and the real base weights do not travel to it, so the models
 are random-init at the real configs (gemma3-270m, SmolLM2-135M) with a word-level tokenizer (one
