@@ -106,7 +106,7 @@ def hf_pairwise(checkpoint: Path, dtype: torch.dtype, device: str):
     from transformers import AutoModelForSequenceClassification
 
     model = AutoModelForSequenceClassification.from_pretrained(checkpoint, dtype=dtype).to(device).eval()
-    encoder = Template.from_dict(CheckpointSpec.load(checkpoint).template.to_dict()).encoder(tiny_tokenizer())
+    encoder = CheckpointSpec.load(checkpoint).template.encoder(tiny_tokenizer())
 
     @torch.inference_mode()
     def score(query, items):
