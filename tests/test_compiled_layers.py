@@ -50,8 +50,8 @@ def test_tanh_gelu_via_exp_is_the_tanh_gelu():
     got = TanhGeluViaExp()(x)
     assert got.dtype == torch.float32 and torch.isfinite(got).all()
     torch.testing.assert_close(got.double(), want, rtol=2e-5, atol=1e-37)  # exp(z), z up to ~90: |z| fp32 steps
-    got16, x64 = TanhGeluViaExp()(x.bfloat16()), x.bfloat16().double()
-    want16 = x64 * torch.sigmoid((8 / torch.pi) ** 0.5 * (x64 + 0.044715 * x64**3))
+    got16, x16 = TanhGeluViaExp()(x.bfloat16()), x.bfloat16().double()
+    want16 = x16 * torch.sigmoid((8 / torch.pi) ** 0.5 * (x16 + 0.044715 * x16**3))
     assert got16.dtype == torch.bfloat16
     assert ((got16.double() - want16).abs() <= 1.01 * 2**-8 * want16.abs() + 1e-37).all()  # ~1e-37: 0 once exp overflows
     ours, eager = TanhGeluViaExp()(typical.bfloat16()).float(), torch.nn.functional.gelu(typical.bfloat16(), approximate="tanh").float()

@@ -31,9 +31,9 @@ class TanhGeluViaExp(torch.nn.Module):
     """The tanh-approximated GELU written as x / (1 + exp(-2z)), z = sqrt(2/pi) (x + 0.044715 x^3):
     the same function (0.5 (1 + tanh z) = sigmoid(2z)), in fp32 like eager's, rounded to the
     input's dtype. Inductor's CPU code runs its vectorized tanh slowly: in bf16, GELU times the up
-    projection over 2,600 x 2,048 took 5.3 ms with tanh and 2.1 ms in this form (longer than the
-    layer's down projection, 2.6 ms; 2-core AMX Xeon), with 0.005 % of the bf16 results one ulp
-    away from eager's (bench/RESULTS.md, issue 16)."""
+    projection over 2,600 x 2,048 took 5.3 ms with tanh (the layer's down projection: 2.6 ms) and
+    2.1 ms in this form (2-core AMX Xeon). It is also the more accurate where the tanh form cancels
+    (x < -3); elsewhere it matches eager's bf16 GELU to 2e-5 (bench/RESULTS.md, issue 16)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x32 = x.float()
