@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import importlib.metadata
-import json
 import random
 import shlex
 import statistics
