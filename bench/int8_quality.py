@@ -47,11 +47,14 @@ def int8_scorer(directory, method: str, compile: bool, only: list[str] | None) -
         return scorer
     if only is None:
         return Scorer.from_pretrained(directory, dtype="int8", **options)
-    from darl_infer.backends.int8_linear import quantize_decoder_linears
+    from darl_infer.checkpoint import CheckpointSpec
+    from darl_infer.loading import auto_dtype, load_checkpoint_model
+    from darl_infer.scorer import quantize_int8
 
-    scorer = Scorer.from_pretrained(directory, **options)  # compiles on the first call: after this
-    quantize_decoder_linears(scorer.backend.model, tuple(only))
-    return scorer
+    spec = CheckpointSpec.load(directory)
+    model, tokenizer = load_checkpoint_model(directory, spec, auto_dtype(torch.device("cpu")), torch.device("cpu"))
+    quantize_int8(model, tokenizer, spec, tuple(only))
+    return Scorer(model, tokenizer, spec, backend="torch", **options)
 
 
 def main() -> None:

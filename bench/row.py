@@ -73,15 +73,15 @@ def quantize_decoder_int8(model) -> None:
         torch.ao.quantization.quantize_dynamic(getattr(model, model.base_model_prefix), {torch.nn.Linear}, dtype=torch.qint8, inplace=True)
 
 
-def quantize_int8(model) -> None:
-    """dtype="int8"'s per-token int8 Linear layers (darl_infer/backends/int8_linear.py), in place."""
-    from darl_infer.backends.int8_linear import quantize_decoder_linears
+def quantize_int8(model, tokenizer, spec) -> None:
+    """dtype="int8"'s per-token int8 Linear layers, calibrated (darl_infer/backends/int8_linear.py), in place."""
+    from darl_infer.scorer import quantize_int8 as quantize
 
-    quantize_decoder_linears(model)
+    quantize(model, tokenizer, spec)
 
 
 def darl_row(backend: str, prepare=None, **options):
-    """`prepare(model)`: what a variant of the row does to the loaded model first (quantize);
+    """`prepare(model, tokenizer, spec)`: what a variant of the row does to the loaded model first (quantize);
     `options`: the backend's options (compile=True)."""
 
     def load(args, case):
@@ -106,9 +106,9 @@ def darl_row(backend: str, prepare=None, **options):
             scorer = Scorer(export, tokenizer, spec, backend="onnx", threads=args.threads)
         else:
             model, tokenizer = load_checkpoint_model(Path(args.checkpoint), spec, torch_dtype(args.dtype), torch.device("cpu"))
-            scorer = Scorer(model, tokenizer, spec, backend=backend, **options)
             if prepare is not None:
-                prepare(model)
+                prepare(model, tokenizer, spec)
+            scorer = Scorer(model, tokenizer, spec, backend=backend, **options)
         for q in case["queries"]:  # the Scorer encodes text itself: check it gets the workload's ids
             enc = scorer.encoder.encode(q["query"], q["items"])
             if enc.prefix != q["prefix"] or enc.suffixes != q["suffixes"]:

@@ -17,7 +17,8 @@ from .backends.prefix_cache import PrefixLRU
 from .checkpoint import SPEC_FILE, CheckpointSpec, read_spec, resolve_checkpoint
 from .bi_encoder import BiEncoderScorer
 from .cascade import CascadeScorer
-from .backends.int8_linear import check_int8_dot_products, quantize_decoder_linears
+from .backends.int8_linear import check_int8_dot_products, quantize_decoder_linears, record_input_absmax
+from .jsonl import iter_rows
 from .loading import auto_dtype, dtype_name, load_checkpoint_model, resolve_device, resolve_dtype
 from .ranking import Ranker, ScoreResult
 from .validate import check_int
@@ -30,6 +31,11 @@ def check_prefix_cache_mb(value, backend: str) -> None:
         raise ValueError(
             f"prefix_cache_mb needs a backend that reuses prefixes (torch or triton); backend {backend!r} keeps none"
         )
+
+
+# dtype="int8" smooths each Linear's inputs by their ranges over these pairs (backends/int8_linear.py):
+# 32 hand-written pairs, English and Chinese, products, questions and web queries
+INT8_CALIBRATION = Path(__file__).parent / "examples" / "int8_calibration.jsonl"
 
 
 def check_int8_request(backend: str, device: torch.device) -> None:
@@ -103,7 +109,7 @@ class Scorer(Ranker):
         spec = CheckpointSpec.from_dict(raw, directory / SPEC_FILE)
         model, tokenizer = load_checkpoint_model(directory, spec, resolved_dtype, resolved_device)
         if int8:
-            quantize_decoder_linears(model)
+            quantize_int8(model, tokenizer, spec)
         scorer = cls(model, tokenizer, spec, backend=backend, prefix_cache_mb=prefix_cache_mb, **backend_options)
         if int8:
             scorer.dtype = "int8"
@@ -177,3 +183,16 @@ class Scorer(Ranker):
         """The LRU of recent prefixes (`prefix_cache_mb`): hits, misses (prefixes looked up and
         computed), evictions, entries, bytes held, max_bytes; all 0 when it is off."""
         return self._prefix_lru.stats()
+
+
+def quantize_int8(model: torch.nn.Module, tokenizer, spec: CheckpointSpec, names: tuple[str, ...] | None = None) -> None:
+    """dtype="int8": the decoder's Linear layers (those named in `names`, if given) in per-token
+    int8, in place, each smoothed by its inputs' ranges while the float model scores the package's
+    calibration pairs (INT8_CALIBRATION) with the checkpoint's template."""
+    requests: dict[str, list[str]] = {}
+    for _, row in iter_rows(INT8_CALIBRATION):
+        requests.setdefault(row["query"], []).append(row["item"])
+    float_scorer = Scorer(model, tokenizer, spec, backend="torch")
+    with record_input_absmax(model) as absmax:
+        float_scorer.score_many(list(requests.items()))
+    quantize_decoder_linears(model, absmax, names)

@@ -8,7 +8,9 @@ import torch
 
 from darl_infer import Scorer
 from darl_infer.backends import int8_linear
-from darl_infer.backends.int8_linear import INT8_FLAGS, PerTokenInt8Linear, int8_matmul, quantize_rows
+from darl_infer.backends.int8_linear import (
+    INT8_FLAGS, PerTokenInt8Linear, decoder_linears, int8_matmul, quantize_rows, record_input_absmax,
+)
 from darl_infer.loading import cpu_flags
 
 from conftest import ragged_items
@@ -55,6 +57,37 @@ def test_int8_linear_rows_do_not_depend_on_each_other():
     q, scale = quantize_rows(x)
     assert q.abs().max() <= 127 and ((q.float() * scale - x).abs() <= 0.5001 * scale).all()
     assert (together - linear(x)).abs().max() <= 0.02 * linear(x).abs().max()
+
+
+@has_int8_dot_products
+def test_smoothing_keeps_the_product_and_flattens_outlier_channels():
+    gen = torch.Generator().manual_seed(1)
+    linear = torch.nn.Linear(64, 80, bias=False)
+    x = torch.randn(200, 64, generator=gen)
+    x[:, [3, 17]] *= 40  # outlier input channels, as in Gemma's activations
+    plain, smoothed = PerTokenInt8Linear(linear), PerTokenInt8Linear(linear, x.abs().amax(0))
+    exact = linear(x).detach()
+    error = {name: ((m(x) - exact).norm() / exact.norm()).item() for name, m in (("plain", plain), ("smoothed", smoothed))}
+    assert error["smoothed"] < 0.6 * error["plain"] and error["smoothed"] < 0.01
+    together = smoothed(x[:33])
+    assert torch.equal(together, torch.cat([smoothed(x[i : i + 1]) for i in range(33)]))  # still one scale per token
+
+
+def test_record_input_absmax_sees_each_decoder_linear_input(tiny_checkpoints):
+    scorer = Scorer.from_pretrained(tiny_checkpoints["gemma3"], dtype="fp32")
+    model = scorer.backend.model
+    linears = [module for _, _, module in decoder_linears(model)]
+    seen = {}
+    probe = linears[0].register_forward_pre_hook(lambda m, args: seen.setdefault("x", []).append(args[0].reshape(-1, m.in_features)))
+    with record_input_absmax(model) as absmax:
+        scorer.score("cordless drill", ["DEWALT 20V drill", "garden hose"])
+    probe.remove()
+    assert set(absmax) == set(linears)
+    assert all(a.shape == (m.in_features,) and a.dtype == torch.float32 for m, a in absmax.items())
+    torch.testing.assert_close(absmax[linears[0]], torch.cat(seen["x"]).abs().amax(0), rtol=0, atol=0)
+    before = {m: a.clone() for m, a in absmax.items()}
+    scorer.score("cordless drill " * 8, ["garden hose " * 20])  # after the block nothing is recorded
+    assert all(torch.equal(before[m], absmax[m]) for m in linears)
 
 
 @has_int8_dot_products
