@@ -31,6 +31,7 @@ from cascade import DATA, DEV_SETS, Table, homedepot_workload, quality, speed
 from compare import machine
 from row import quantize_decoder_int8
 from darl_infer import Scorer
+from darl_infer.backends import int8_linear
 from darl_infer.checkpoint import resolve_checkpoint
 from darl_infer.training.data import read_pairs
 from darl_infer.training.evaluate import foreign_pairs
@@ -68,8 +69,12 @@ def main() -> None:
     p.add_argument("--method", default="per-token", choices=["per-token", "dynamic"])
     p.add_argument("--only", nargs="+", help="per-token: int8 in these projections only (e.g. q_proj k_proj v_proj o_proj gate_proj up_proj)")
     p.add_argument("--compile", action="store_true", help="per-token: the torch backend's compile=True")
+    p.add_argument("--smoothing-alpha", type=float, default=None,
+                   help="per-token: the smoothing exponent a (default: darl_infer's SMOOTHING_ALPHA)")
     args = p.parse_args()
     started = time.time()
+    if args.smoothing_alpha is not None:
+        int8_linear.SMOOTHING_ALPHA = args.smoothing_alpha
     dev = {name: read_pairs(DATA / name / "dev.jsonl", 3, args.limit, 0) for name in DEV_SETS}
     shown = sorted({(pr.query, pr.item) for pairs in dev.values() for pr in pairs} |
                    {pair for pairs in dev.values() for pair in foreign_pairs(pairs)})
@@ -111,6 +116,7 @@ def main() -> None:
     for name, r in s.items():
         lines.append(f"| {name} | {r['items_per_s']:.1f} | {r['items_per_s'] / s['fp32']['items_per_s']:.2f} | {r['p50_ms']:.0f} | {r['p95_ms']:.0f} |")
     lines += ["", f"- checkpoint: {args.checkpoint or 'default model'}; int8's float dtype {str(float_dtype).removeprefix('torch.')}"
+                  f", smoothing a = {int8_linear.SMOOTHING_ALPHA}"
                   f"{', compile=True' if args.compile else ''}; torch {torch.__version__}, quantized engine {torch.backends.quantized.engine}",
               f"- machine: {machine()}", f"- run: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {(time.time() - started) / 60:.1f} min",
               f"- command: `python bench/int8_quality.py {' '.join(sys.argv[1:])}`"]
