@@ -33,21 +33,42 @@ class PassState(Protocol):
 _active: contextvars.ContextVar[PassState | None] = contextvars.ContextVar("darl_infer_pass", default=None)
 
 
-def attention_hook(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+def _attend(query, key, value, layer: int, scale: float, sliding_window: int | None) -> torch.Tensor:
     state = _active.get()
     if state is None:
         raise RuntimeError(f"attention {ATTN_IMPLEMENTATION!r} called outside a darl_infer forward pass")
+    between_layers(query.shape[-2])  # a call with less work left may run first (turns.py)
+    return state.attend(layer, query, key, value, scale, sliding_window)
+
+
+# Under torch.compile (the torch backend's `compile=True`) the attention is an opaque custom op:
+# dynamo cannot trace the pass state (a context variable) and need not, so each decoder layer is one
+# graph around it instead of two graphs either side of a graph break (bf16 on a 2-core AMX Xeon:
+# +17 % items/s; bench/RESULTS.md). Its inputs are the graph's buffers, reused once it returns:
+# whatever a pass keeps must be its own copy (prefix_runner.PrefixPass). Eager calls and the ONNX
+# export call `_attend` directly.
+@torch.library.custom_op("darl_infer::attend", mutates_args=())
+def attend_op(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layer: int, scale: float, sliding_window: int | None
+) -> torch.Tensor:
+    return _attend(query, key, value, layer, scale, sliding_window)
+
+
+@attend_op.register_fake
+def _(query, key, value, layer, scale, sliding_window):
+    B, H, T, D = query.shape
+    return query.new_empty((B, T, H, D))
+
+
+def attention_hook(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     if kwargs.get("softcap") is not None:
         raise NotImplementedError("attention logit soft-capping is not supported")
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    between_layers(query.shape[-2])  # a call with less work left may run first (turns.py)
-    return state.attend(module.layer_idx, query, key, value, scale, kwargs.get("sliding_window")), None
+    attend = attend_op if torch.compiler.is_compiling() else _attend
+    return attend(query, key, value, module.layer_idx, scale, kwargs.get("sliding_window")), None
 
 
-# Under torch.compile (the torch backend's `compile=True`) the hook stays eager: the pass state is
-# read from a context variable, which dynamo cannot trace, so each layer compiles into the graphs
-# before and after its attention and the attention runs between them.
-AttentionInterface.register(ATTN_IMPLEMENTATION, torch.compiler.disable(attention_hook))
+AttentionInterface.register(ATTN_IMPLEMENTATION, attention_hook)
 
 
 def use_attention_hook(decoder: torch.nn.Module) -> torch.nn.Module:

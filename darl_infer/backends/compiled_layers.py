@@ -1,8 +1,8 @@
 """`compile=True` of the torch backend: each decoder layer under torch.compile (inductor's CPU or
 GPU codegen), so that a layer's norms, rotary embedding, activation, gating and residual adds run
 as a few fused loops around its matrix multiplies instead of one pass over memory each, with the
-dtype round trips of HF's fp32 norms folded in. The attention hook stays eager (attention_hook.py),
-so a layer compiles into the graph before its attention and the graph after it.
+dtype round trips of HF's fp32 norms folded in. The attention is an opaque custom op inside the
+graph (attention_hook.py), so each layer is one graph around it.
 
 Measured on a 2-core Xeon with AMX (bench/RESULTS.md, issue 16): bf16 scoring 1.25x faster,
 fp32 1.1x; the first call pays the compilation (seconds to tens of seconds; inductor
@@ -44,6 +44,11 @@ def compile_decoder_layers(decoder: torch.nn.Module) -> None:
     """Compile each of the decoder's layers in place (once: a layer already compiled is kept),
     its tanh GELU swapped for `TanhGeluViaExp`. The model is changed for every user of it; its
     results stay within the dtype's tolerance."""
+    # The attention op is given each layer's index, an int attribute of HF's module, which dynamo
+    # would otherwise bake into the graph: 18 layers, 18 compilations (and past dynamo's recompile
+    # limit, eager). Symbolic, every layer shares one graph (two: sliding and global attention).
+    # Process-wide, as every dynamo setting is.
+    torch._dynamo.config.allow_unspec_int_on_nn_module = True
     for layer in decoder.layers:
         if getattr(layer, "_compiled_call_impl", None) is None:
             mlp = getattr(layer, "mlp", None)

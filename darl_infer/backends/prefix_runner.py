@@ -86,7 +86,9 @@ class PrefixPass:
 
     def attend(self, layer, query, key, value, scale, sliding_window):
         q, k, v = _rows(query, key, value)
-        self._recorded[layer] = (k, v)
+        # copies: under compile=True the inputs are a compiled graph's buffers, which it may reuse
+        # once the attention returns (attention_hook.py), while the items need these K/V later
+        self._recorded[layer] = (k.clone(), v.clone())
         return self.attention_op(q, k, v, k[:0], v[:0], self.cu_seqlens, scale, sliding_window).unsqueeze(0)
 
     def recorded(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
