@@ -44,11 +44,6 @@ def compile_decoder_layers(decoder: torch.nn.Module) -> None:
     """Compile each of the decoder's layers in place (once: a layer already compiled is kept),
     its tanh GELU swapped for `TanhGeluViaExp`. The model is changed for every user of it; its
     results stay within the dtype's tolerance."""
-    # The attention op is given each layer's index, an int attribute of HF's module, which dynamo
-    # would otherwise bake into the graph: 18 layers, 18 compilations (and past dynamo's recompile
-    # limit, eager). Symbolic, every layer shares one graph (two: sliding and global attention).
-    # Process-wide, as every dynamo setting is.
-    torch._dynamo.config.allow_unspec_int_on_nn_module = True
     for layer in decoder.layers:
         if getattr(layer, "_compiled_call_impl", None) is None:
             mlp = getattr(layer, "mlp", None)
