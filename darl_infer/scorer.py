@@ -189,10 +189,7 @@ def quantize_int8(model: torch.nn.Module, tokenizer, spec: CheckpointSpec, names
     """dtype="int8": the decoder's Linear layers (those named in `names`, if given) in per-token
     int8, in place, each smoothed by its inputs' ranges while the float model scores the package's
     calibration pairs (INT8_CALIBRATION) with the checkpoint's template."""
-    requests: dict[str, list[str]] = {}
-    for _, row in iter_rows(INT8_CALIBRATION):
-        requests.setdefault(row["query"], []).append(row["item"])
-    float_scorer = Scorer(model, tokenizer, spec, backend="torch")
+    pairs = [(row["query"], row["item"]) for _, row in iter_rows(INT8_CALIBRATION)]
     with record_input_absmax(model) as absmax:
-        float_scorer.score_many(list(requests.items()))
+        Scorer(model, tokenizer, spec, backend="torch").predict(pairs)
     quantize_decoder_linears(model, absmax, names)

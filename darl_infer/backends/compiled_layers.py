@@ -4,7 +4,7 @@ as a few fused loops around its matrix multiplies instead of one pass over memor
 dtype round trips of HF's fp32 norms folded in. The attention is an opaque custom op inside the
 graph (attention_hook.py), so each layer is one graph around it.
 
-Measured on a 2-core Xeon with AMX (bench/RESULTS.md, issue 16): bf16 scoring 1.25x faster,
+Measured on a 2-core Xeon with AMX (bench/RESULTS.md, issue 16): bf16 scoring 1.4x faster,
 fp32 1.1x; the first call pays the compilation (seconds to tens of seconds; inductor
 caches it on disk for the next process). Shapes change with every call, hence dynamic=True.
 """
