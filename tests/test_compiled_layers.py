@@ -120,10 +120,11 @@ def test_cli_compile_flag(tiny_checkpoints, tmp_path, capsys):
 def test_each_compiled_layer_is_one_graph_around_the_attention_op(tiny_checkpoints):
     from torch._dynamo.utils import counters
 
+    torch._dynamo.reset()  # graphs compiled by earlier tests would be reused and not counted
     counters.clear()
     compiled = Scorer.from_pretrained(tiny_checkpoints["gemma3"], backend="torch", dtype="fp32", compile=True)
     compiled.score("cordless drill", ["DEWALT 20V drill kit", "garden hose", "socket set"])
     assert not counters["graph_break"], dict(counters["graph_break"])  # the attention runs inside the graph
     # the layers share the compiled code: one graph per attention kind (the tiny gemma3's 3 layers:
     # sliding, global, sliding), not one per layer index
-    assert counters["stats"]["unique_graphs"] <= 2, dict(counters["stats"])
+    assert 1 <= counters["stats"]["unique_graphs"] <= 2, dict(counters["stats"])

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -31,38 +30,29 @@ class PassState(Protocol):
         """Attention output (B, T, H, D) of one layer, from HF's query (B, H, T, D), key and value (B, Hkv, T, D)."""
 
 
-@dataclass(eq=False)
-class _Pass:
-    state: PassState
-    layers_done: int = 0  # attention calls so far: HF decoders run their layers in order
+_active: contextvars.ContextVar[PassState | None] = contextvars.ContextVar("darl_infer_pass", default=None)
+_compiled_layer: contextvars.ContextVar[int | None] = contextvars.ContextVar("darl_infer_compiled_layer", default=None)
 
 
-_active: contextvars.ContextVar[_Pass | None] = contextvars.ContextVar("darl_infer_pass", default=None)
-
-
-def _attend(query, key, value, scale: float, sliding_window: int | None, layer: int | None = None) -> torch.Tensor:
-    """The pass's attention at the next layer (`layer`, where given, must be it)."""
-    current_pass = _active.get()
-    if current_pass is None:
+def _attend(query, key, value, layer: int | None, scale: float, sliding_window: int | None) -> torch.Tensor:
+    state = _active.get()
+    if state is None or layer is None:
         raise RuntimeError(f"attention {ATTN_IMPLEMENTATION!r} called outside a darl_infer forward pass")
-    counted, current_pass.layers_done = current_pass.layers_done, current_pass.layers_done + 1
-    if layer is not None and layer != counted:
-        raise RuntimeError(f"attention of layer {layer} called as the pass's attention number {counted}")
     between_layers(query.shape[-2])  # a call with less work left may run first (turns.py)
-    return current_pass.state.attend(counted, query, key, value, scale, sliding_window)
+    return state.attend(layer, query, key, value, scale, sliding_window)
 
 
 # Under torch.compile (the torch backend's `compile=True`) the attention is an opaque custom op:
 # dynamo cannot trace the pass state (a context variable) and need not, so each decoder layer is one
 # graph around it instead of two graphs either side of a graph break (bf16 on a 2-core AMX Xeon:
-# +17 % items/s; bench/RESULTS.md). The op is not told the layer's index (an int attribute of HF's
-# module, which dynamo would bake into the graph: one compilation per layer); the pass counts its
-# attention calls instead, which eager calls check against the index. Its inputs are the graph's
-# buffers, reused once it returns: whatever a pass keeps must be its own copy
-# (prefix_runner.PrefixPass). Eager calls and the ONNX export call `_attend` directly.
+# +17 % items/s; bench/RESULTS.md). The op is not given HF's layer index (an int attribute of the
+# module, which dynamo would bake into the graph: one compilation per layer): the compiled layer's
+# Python wrapper sets it (`compiled_layer`, compiled_layers.py). Its inputs are the graph's buffers,
+# reused once it returns: whatever a pass keeps must be its own copy (prefix_runner.PrefixPass).
+# Eager calls and the ONNX export call `_attend` directly.
 @torch.library.custom_op("darl_infer::attend", mutates_args=())
 def attend_op(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float, sliding_window: int | None) -> torch.Tensor:
-    return _attend(query, key, value, scale, sliding_window)
+    return _attend(query, key, value, _compiled_layer.get(), scale, sliding_window)
 
 
 @attend_op.register_fake
@@ -77,7 +67,17 @@ def attention_hook(module, query, key, value, attention_mask, scaling=None, drop
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     if torch.compiler.is_compiling():
         return attend_op(query, key, value, scale, kwargs.get("sliding_window")), None
-    return _attend(query, key, value, scale, kwargs.get("sliding_window"), module.layer_idx), None
+    return _attend(query, key, value, module.layer_idx, scale, kwargs.get("sliding_window")), None
+
+
+@contextlib.contextmanager
+def compiled_layer(index: int):
+    """Within the block, the attention op of a compiled layer is that of layer `index`."""
+    token = _compiled_layer.set(index)
+    try:
+        yield
+    finally:
+        _compiled_layer.reset(token)
 
 
 AttentionInterface.register(ATTN_IMPLEMENTATION, attention_hook)
@@ -90,14 +90,13 @@ def use_attention_hook(decoder: torch.nn.Module) -> torch.nn.Module:
 
 
 def current() -> PassState | None:
-    current_pass = _active.get()
-    return None if current_pass is None else current_pass.state
+    return _active.get()
 
 
 @contextlib.contextmanager
 def active(state: PassState):
     """Within the block, this thread's forward passes use `state`."""
-    token = _active.set(_Pass(state))
+    token = _active.set(state)
     try:
         yield state
     finally:

@@ -15,6 +15,8 @@ import math
 
 import torch
 
+from .attention_hook import compiled_layer
+
 
 # Inductor keeps a fused chain's intermediates in fp32 unless told to round them where eager does.
 # Rounding like eager keeps the compiled model on the oracle's (eager HF's) numerics: on the default
@@ -49,4 +51,17 @@ def compile_decoder_layers(decoder: torch.nn.Module) -> None:
             mlp = getattr(layer, "mlp", None)
             if type(getattr(mlp, "act_fn", None)).__name__ in TANH_GELU_CLASSES:
                 mlp.act_fn = TanhGeluViaExp()
-            layer.compile(dynamic=True, options=INDUCTOR_OPTIONS)
+            layer._compiled_call_impl = _telling_the_layer(
+                torch.compile(layer._call_impl, dynamic=True, options=INDUCTOR_OPTIONS), layer.self_attn.layer_idx
+            )
+
+
+def _telling_the_layer(compiled, index: int):
+    """The compiled layer, called with its index set for its attention op (attention_hook.py): in
+    Python, outside the graph, so that every layer shares one graph."""
+
+    def call(*args, **kwargs):
+        with compiled_layer(index):
+            return compiled(*args, **kwargs)
+
+    return call
