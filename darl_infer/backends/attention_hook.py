@@ -45,7 +45,7 @@ def _attend(query, key, value, layer: int | None, scale: float, sliding_window: 
 # Under torch.compile (the torch backend's `compile=True`) the attention is an opaque custom op:
 # dynamo cannot trace the pass state (a context variable) and need not, so each decoder layer is one
 # graph around it instead of two graphs either side of a graph break (bf16 on a 2-core AMX Xeon:
-# +17 % items/s; bench/RESULTS.md). The op is not given HF's layer index (an int attribute of the
+# +9 to +17 % items/s; bench/RESULTS.md). The op is not given HF's layer index (an int attribute of the
 # module, which dynamo would bake into the graph: one compilation per layer): the compiled layer's
 # Python wrapper sets it (`compiled_layer`, compiled_layers.py). Its inputs are the graph's buffers,
 # reused once it returns: whatever a pass keeps must be its own copy (prefix_runner.PrefixPass).

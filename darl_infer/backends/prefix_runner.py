@@ -98,11 +98,13 @@ class PrefixPass:
     def prefixes(self) -> list[PrefixKV]:
         """One PrefixKV per prefix, after the pass. Each slice is copied so that it owns exactly its
         bytes: a view would keep the whole packed row's K/V alive (in the LRU, say) and its size
-        would not be what the LRU counts."""
+        would not be what the LRU counts. A lone prefix keeps the recorded copies as they are."""
         cu = self.cu_seqlens.tolist()
+        lone = len(cu) == 2
         return [
             PrefixKV(stop - start, MappingProxyType({
-                layer: (k[start:stop].clone(), v[start:stop].clone()) for layer, (k, v) in self._recorded.items()
+                layer: (k, v) if lone else (k[start:stop].clone(), v[start:stop].clone())
+                for layer, (k, v) in self._recorded.items()
             }))
             for start, stop in zip(cu[:-1], cu[1:])
         ]
