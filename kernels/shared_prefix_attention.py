@@ -109,7 +109,7 @@ def shared_prefix_attention_reference(
 # in the tile up to its last token, masked to each row's own item and causal. One online softmax
 # runs over both, so the two partial attentions are merged exactly as log-sum-exp merging would.
 
-_ATTENTION_CONFIGS = [
+_HALF_CONFIGS = [  # fp16/bf16: tensor-core tiles; every one fits an A100's or H100's shared memory
     triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=stages)
     for block_m, block_n, warps, stages in [
         (64, 64, 4, 2),  # first: the interpreter's only config (it cannot time kernels)
@@ -120,18 +120,17 @@ _ATTENTION_CONFIGS = [
         (64, 64, 4, 3),
     ]
 ]
+# fp32 (the exactness path, IEEE products on the FMA units): small tiles. At head dim 256 the half
+# tiles above need 205-426 KB of shared memory in fp32 (over an H100's 227 KB) and 20-110 s to
+# compile; this one needs 100 KB and ~6 s (ptxas for sm_90, measured offline with triton.compile).
+_FP32_CONFIGS = [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=2)]
 
 
-def _fits_shared_memory(configs, named_args, **kwargs):
-    """Drop configs whose pipelined K/V tiles plus the Q tile exceed ~160 KB of shared memory
-    (A100: 164 KB, H100: 228 KB per SM); head dim 256 (Gemma) rules out the largest ones."""
-    elem = named_args["q"].element_size()
-    block_d = kwargs["BLOCK_D"]
-    fits = [
-        c for c in configs
-        if (c.num_stages * 2 * c.kwargs["BLOCK_N"] + c.kwargs["BLOCK_M"]) * block_d * elem <= 160 * 1024
-    ]
-    return fits or configs[-1:]
+def _configs_for_dtype(configs, named_args, **kwargs):
+    if len(configs) == 1:  # the interpreter's
+        return configs
+    fp32 = named_args["q"].element_size() == 4
+    return [c for c in configs if (c in _FP32_CONFIGS) == fp32]
 
 
 @triton.jit
@@ -157,11 +156,12 @@ def _attend_block(acc, m_i, l_i, q, k_base, v_base, keys, key_end, stride_kt, st
 
 
 @triton.autotune(
-    configs=_ATTENTION_CONFIGS if not INTERPRETED else _ATTENTION_CONFIGS[:1],
-    key=["HEAD_DIM", "GROUP"],
-    prune_configs_by={"early_config_prune": _fits_shared_memory},
+    configs=_HALF_CONFIGS + _FP32_CONFIGS if not INTERPRETED else _HALF_CONFIGS[:1],
+    key=["HEAD_DIM", "GROUP"],  # and the tensors' dtypes, which the autotuner adds to its key
+    prune_configs_by={"early_config_prune": _configs_for_dtype},
 )
-@triton.jit
+# lengths and offsets change with every call: specialising on them (== 1, % 16) would recompile
+@triton.jit(do_not_specialize=["T", "P", "N", "search_steps", "prefix_start", "window"])
 def _shared_prefix_attention_kernel(
     q, k, v, prefix_k, prefix_v, out, cu_seqlens,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
