@@ -108,9 +108,9 @@ class TextVectors:
         device = self.runner.decoder.device
         if not texts:
             return torch.empty(0, self.hidden_size, device=device)
-        prefix = self.runner.prefix(torch.tensor(prefix_ids, device=device))
+        prefix = self.runner.prefix(torch.tensor(prefix_ids))
         chunks = length_sorted_chunks([len(t) for t in texts], self.token_budget)
-        hidden = torch.cat([self.runner.items(prefix, [torch.tensor(texts[j], device=device) for j in c]) for c in chunks])
+        hidden = torch.cat([self.runner.items(prefix, [torch.tensor(texts[j]) for j in c]) for c in chunks])
         hidden = hidden[torch.argsort(torch.tensor([j for c in chunks for j in c], device=device))].float()
         return F.normalize(hidden, dim=-1) * math.sqrt(self.hidden_size)
 

@@ -73,6 +73,12 @@ def _positions(lengths: Sequence[int], firsts: Sequence[int], device) -> torch.T
     return torch.arange(sum(lengths), device=device) - torch.repeat_interleave(starts, lengths_t)
 
 
+def _on(device, ids: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The sequences' ids back to back as one (1, T) row on `device`: one host-to-device copy for
+    the whole pass (a thousand items' ids copied one by one cost ~1,000 small copies on a GPU)."""
+    return torch.cat(ids).to(device)[None]
+
+
 class PrefixPass:
     """Prefixes of `lengths` tokens packed in one row, each causal within itself: records every
     layer's K/V. Attending with an empty prefix K/V and the prefixes as the op's "items" gives
@@ -219,13 +225,14 @@ class PrefixRunner:
             _norms_hooked.add(decoder.norm)
 
     def prefixes(self, prefix_ids: Sequence[torch.Tensor]) -> list[PrefixKV]:
-        """Run the prefixes (1-D ids each) packed in one forward pass; one PrefixKV each."""
+        """Run the prefixes (1-D ids each, on any device) packed in one forward pass; one PrefixKV each."""
         nonempty = [ids for ids in prefix_ids if ids.numel()]
         if not nonempty:
             return [EMPTY_PREFIX] * len(prefix_ids)
-        state = PrefixPass([ids.numel() for ids in nonempty], self.attention_op, self.final_norm, nonempty[0].device)
+        device = self.decoder.device
+        state = PrefixPass([ids.numel() for ids in nonempty], self.attention_op, self.final_norm, device)
         with active(state):
-            self.decoder(input_ids=torch.cat(nonempty)[None], position_ids=state.position_ids[None], use_cache=False)
+            self.decoder(input_ids=_on(device, nonempty), position_ids=state.position_ids[None], use_cache=False)
         computed = iter(state.prefixes())
         return [next(computed) if ids.numel() else EMPTY_PREFIX for ids in prefix_ids]
 
@@ -237,12 +244,13 @@ class PrefixRunner:
         order, (T, hidden), and the items' offsets `cu_seqlens` (N+1): item i ends at row
         cu_seqlens[i + 1] - 1."""
         item_ids = [ids for _, group in groups for ids in group]
+        device = self.decoder.device
         state = ItemsPass(
             [(prefix, [ids.numel() for ids in group]) for prefix, group in groups], self.attention_op, self.final_norm,
-            item_ids[0].device,
+            device,
         )
         with active(state):
-            out = self.decoder(input_ids=torch.cat(item_ids)[None], position_ids=state.position_ids[None], use_cache=False)
+            out = self.decoder(input_ids=_on(device, item_ids), position_ids=state.position_ids[None], use_cache=False)
         return out.last_hidden_state[0], state.cu_seqlens
 
     def packed_with_prefixes(
@@ -257,13 +265,14 @@ class PrefixRunner:
         if not nonempty:
             return [EMPTY_PREFIX] * len(prefix_ids), *self.packed(groups)
         item_ids = [ids for _, group in groups for ids in group]
+        device = self.decoder.device
         state = JointPass(
             [prefix_ids[n].numel() for n in nonempty], [(prefix, [ids.numel() for ids in group]) for prefix, group in groups],
-            self.attention_op, self.final_norm, item_ids[0].device,
+            self.attention_op, self.final_norm, device,
         )
         with active(state):
             out = self.decoder(
-                input_ids=torch.cat([*(prefix_ids[n] for n in nonempty), *item_ids])[None],
+                input_ids=_on(device, [*(prefix_ids[n] for n in nonempty), *item_ids]),
                 position_ids=state.position_ids[None], use_cache=False,
             )
         computed = iter(state.prefix_pass.prefixes())

@@ -128,13 +128,13 @@ class TorchBackend:
                     key, row, ids = items[j]
                     by_prefix.setdefault(key, []).append((row, ids))
                 groups = [  # a prefix not yet computed is named by its index in `missing`
-                    (found[key] if key in found else missing.index(key), [torch.tensor(ids, device=self.device) for _, ids in members])
+                    (found[key] if key in found else missing.index(key), [torch.tensor(ids) for _, ids in members])
                     for key, members in by_prefix.items()
                 ]
                 rows = [row for members in by_prefix.values() for row, _ in members]
                 if missing:  # the round's new prefixes in the same forward pass as its first chunk
                     computed, hidden, cu = self.runner.packed_with_prefixes(
-                        [torch.tensor(ids, device=self.device) for ids, _, _ in missing], groups
+                        [torch.tensor(ids) for ids, _, _ in missing], groups
                     )
                     for key, kv in zip(missing, computed):
                         found[key] = kv
