@@ -51,8 +51,8 @@ def profiled(fn, device: str, rows: int) -> list[str]:
         synchronize()
     wall = time.perf_counter() - start
     events = prof.key_averages()
-    gpu_time = lambda e: getattr(e, "self_device_time_total", 0)  # noqa: E731
-    busy = sum(gpu_time(e) for e in events) / 1e6
+    # the kernels' own rows (an aten op's row repeats its kernels' time)
+    busy = sum(e.self_device_time_total for e in events if e.device_type == torch.autograd.DeviceType.CUDA) / 1e6
     launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx", "cudaLaunchKernelExC"))
     out = [f"wall {1e3 * wall:.1f} ms under the profiler; GPU kernels busy {1e3 * busy:.1f} ms ({100 * busy / wall:.0f} %); "
            f"{launches} kernel launches", "", "```", "by self CPU time:",

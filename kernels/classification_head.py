@@ -2,10 +2,8 @@
 softmax -> expected grade, in one pass over N rows instead of a norm over all T packed tokens.
 
 `hidden` (T, H) holds the decoder's packed hidden states *before* its final norm; item i ends at
-row cu_seqlens[i + 1] - 1. The norm follows the model's own module, its rounding included:
-- "llama" (Llama, Qwen2, Qwen3, Mistral): w * (x * rsqrt(mean(x^2) + eps)).to(dtype)
-- "gemma" (Gemma 1/2/3): ((x * rsqrt(mean(x^2) + eps)) * (1 + w)).to(dtype), in fp32
-The projection is the model's `score` Linear (no bias) in the model's dtype, as nn.Linear rounds it.
+row cu_seqlens[i + 1] - 1. The norm follows the model's own module, its rounding included
+(rms_norm.py: "llama" or "gemma"). The projection is the model's `score` Linear (no bias) in the model's dtype, as nn.Linear rounds it.
 Returns grade probabilities (N, K) and expected grades sum_k p_k * grade_values[k] (N,), fp32.
 
 `classification_head_reference` is the PyTorch version (the torch backend's head);
@@ -18,13 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from darl_infer.kernels._triton import LAUNCH_LOCK, tl, triton
-
-NORM_VARIANTS = ("llama", "gemma")
-
-
-def _check_variant(norm_variant: str) -> None:
-    if norm_variant not in NORM_VARIANTS:
-        raise ValueError(f"unknown norm_variant {norm_variant!r}; choose one of {list(NORM_VARIANTS)}")
+from darl_infer.kernels.rms_norm import check_variant, rms_norm_reference
 
 
 def classification_head_reference(
@@ -36,14 +28,7 @@ def classification_head_reference(
     score_weight: torch.Tensor,
     grade_values: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    _check_variant(norm_variant)
-    x = hidden[cu_seqlens[1:].to(hidden.device) - 1]
-    x32 = x.float()
-    normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + norm_eps)
-    if norm_variant == "gemma":
-        normed = (normed * (1.0 + norm_weight.float())).to(x.dtype)
-    else:
-        normed = norm_weight * normed.to(x.dtype)
+    normed = rms_norm_reference(hidden[cu_seqlens[1:].to(hidden.device) - 1], norm_weight, norm_eps, norm_variant)
     probs = F.linear(normed, score_weight).float().softmax(-1)
     return probs, probs @ grade_values.to(probs)
 
@@ -107,7 +92,7 @@ def classification_head(
     grade_values: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The Triton kernel; same arguments and result as `classification_head_reference`."""
-    _check_variant(norm_variant)
+    check_variant(norm_variant)
     T, H = hidden.shape
     K = score_weight.shape[0]
     if norm_weight.shape != (H,) or score_weight.shape != (K, H) or grade_values.shape != (K,):

@@ -10,6 +10,7 @@ import torch
 
 from darl_infer.kernels._triton import HAS_TRITON, INTERPRETED
 from darl_infer.kernels.classification_head import classification_head, classification_head_reference
+from darl_infer.kernels.rms_norm import rms_norm, rms_norm_reference
 from darl_infer.kernels.shared_prefix_attention import shared_prefix_attention, shared_prefix_attention_reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -143,3 +144,51 @@ def test_classification_head_rejects_unknown_norm():
     for head in (classification_head, classification_head_reference):
         with pytest.raises(ValueError, match="unknown norm_variant"):
             head(*args)
+
+
+NORM_SHAPES = [(3, 64), (5, 640), (2, 7, 4, 256), (4, 1500)]  # 4-D: Gemma's per-head q/k norms; 1500: masked columns
+
+
+def norm_inputs(shape, variant, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = 3 * torch.randn(*shape, generator=g)
+    # Llama-style weights sit around 1, Gemma's around 0 (it scales by 1 + w)
+    weight = 0.5 * torch.randn(shape[-1], generator=g) + (1.0 if variant == "llama" else 0.0)
+    return x.to(device=DEVICE, dtype=dtype), weight.to(device=DEVICE, dtype=dtype)
+
+
+def assert_norm_matches(x, weight, variant):
+    out = rms_norm(x, weight, 1e-6, variant)
+    expected = rms_norm_reference(x, weight, 1e-6, variant)
+    assert out.dtype == expected.dtype and out.shape == expected.shape
+    # one unit in the last place of the output dtype (a sum taken in another order may round the
+    # other way); two for bf16 in the interpreter, which casts fp32 to bf16 by truncation
+    ulps = 2 if INTERPRETED and x.dtype == torch.bfloat16 else 1
+    torch.testing.assert_close(out, expected, rtol=ulps * torch.finfo(x.dtype).eps, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("variant", ["llama", "gemma"])
+@pytest.mark.parametrize("shape", NORM_SHAPES)
+def test_rms_norm(shape, variant, dtype):
+    assert_norm_matches(*norm_inputs(shape, variant, dtype), variant)
+
+
+def test_rms_norm_takes_strided_views_and_no_rows():
+    x, weight = norm_inputs((6, 64), "gemma", torch.float32)
+    assert_norm_matches(x.t().contiguous().t(), weight, "gemma")  # column-major: copied to rows
+    assert rms_norm(x[:0], weight, 1e-6, "gemma").shape == (0, 64)
+
+
+@pytest.mark.parametrize("module_name", ["llama.LlamaRMSNorm", "qwen3.Qwen3RMSNorm", "gemma3.Gemma3RMSNorm"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_reference_is_the_hf_modules_math(module_name, dtype):
+    import importlib
+
+    arch, name = module_name.split(".")
+    module = getattr(importlib.import_module(f"transformers.models.{arch}.modeling_{arch}"), name)(640, eps=1e-6)
+    variant = "gemma" if arch.startswith("gemma") else "llama"
+    x, weight = norm_inputs((5, 640), variant, dtype)
+    module = module.to(device=DEVICE, dtype=dtype)
+    module.weight.data.copy_(weight)
+    assert torch.equal(rms_norm_reference(x, module.weight, 1e-6, variant), module(x))

@@ -14,7 +14,7 @@ from conftest import ragged_items
 from darl_infer import Scorer
 from darl_infer.backends import triton_backend
 from darl_infer.backends.chunking import length_sorted_chunks
-from darl_infer.kernels import classification_head, shared_prefix_attention
+from darl_infer.kernels import classification_head, rms_norm, shared_prefix_attention
 from darl_infer.kernels._triton import HAS_TRITON
 from tiny_models import random_text
 
@@ -72,6 +72,7 @@ def test_triton_backend_launches_the_kernels(scorers, monkeypatch, rng):
     scorer = scorers("llama", "triton", token_budget=40)
     attention = count_launches(monkeypatch, shared_prefix_attention._shared_prefix_attention_kernel)
     head = count_launches(monkeypatch, classification_head._classification_head_kernel)
+    norm = count_launches(monkeypatch, rms_norm._rms_norm_kernel)
     query, items = random_text(rng, 5), ragged_items(rng, 6, max_tokens=20)
     enc = scorer.encoder.encode(query, items)
     n_chunks = len(length_sorted_chunks([len(s) for s in enc.suffixes], 40))
@@ -80,6 +81,7 @@ def test_triton_backend_launches_the_kernels(scorers, monkeypatch, rng):
     n_layers = scorer.backend.model.config.num_hidden_layers
     assert len(attention) == n_layers * (1 + n_chunks)  # the prefix pass, then every chunk of items
     assert len(head) == n_chunks
+    assert len(norm) == n_chunks * (2 * n_layers + 1)  # Llama: two norms per layer and the final one, per pass
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])

@@ -10,6 +10,7 @@ its first chunk (prefix_runner.JointPass), one pass fewer than running them firs
 
 from __future__ import annotations
 
+import functools
 import importlib
 from itertools import accumulate
 
@@ -25,8 +26,8 @@ from .prefix_cache import PrefixLRU
 from .prefix_runner import PrefixKV, PrefixRunner
 from .turns import TakingTurns
 
-# final-norm classes whose math the fused head reproduces: class -> (norm variant, eps attribute)
-_KNOWN_FINAL_NORMS = {
+# RMSNorm classes whose math kernels/rms_norm.py reproduces: class -> (norm variant, eps attribute)
+_KNOWN_NORMS = {
     ("llama", "LlamaRMSNorm"): ("llama", "variance_epsilon"),
     ("qwen2", "Qwen2RMSNorm"): ("llama", "variance_epsilon"),
     ("qwen3", "Qwen3RMSNorm"): ("llama", "variance_epsilon"),
@@ -37,21 +38,32 @@ _KNOWN_FINAL_NORMS = {
 }
 
 
-def final_norm_of(decoder: torch.nn.Module) -> tuple[torch.Tensor, float, str]:
-    """(weight, eps, variant) of the decoder's final norm, for the fused head.
+@functools.cache
+def _norm_class(arch: str, name: str) -> type:
+    return getattr(importlib.import_module(f"transformers.models.{arch}.modeling_{arch}"), name)
 
-    Matched by exact class: a subclass or another norm may compute something else, so it is an
-    error rather than a guess.
-    """
+
+def known_norm(module: torch.nn.Module | None) -> tuple[str, float] | None:
+    """(norm variant, eps) if `module` is one of the known RMSNorm classes, else None. Matched by
+    exact class: a subclass or another norm may compute something else."""
+    for (arch, name), (variant, eps_attr) in _KNOWN_NORMS.items():
+        if type(module) is _norm_class(arch, name):
+            return variant, float(getattr(module, eps_attr))
+    return None
+
+
+def final_norm_of(decoder: torch.nn.Module) -> tuple[torch.Tensor, float, str]:
+    """(weight, eps, variant) of the decoder's final norm, for the fused head; an error rather than
+    a guess for a norm the head does not know."""
     norm = getattr(decoder, "norm", None)
-    for (arch, name), (variant, eps_attr) in _KNOWN_FINAL_NORMS.items():
-        if type(norm) is getattr(importlib.import_module(f"transformers.models.{arch}.modeling_{arch}"), name):
-            return norm.weight, float(getattr(norm, eps_attr)), variant
-    known = ", ".join(name for _, name in _KNOWN_FINAL_NORMS)
-    raise NotImplementedError(
-        f"{type(decoder).__name__}.norm is {type(norm).__name__}; the fused classification head knows "
-        f"only {known}. Use backend='reference' for this model."
-    )
+    if (known := known_norm(norm)) is None:
+        names = ", ".join(name for _, name in _KNOWN_NORMS)
+        raise NotImplementedError(
+            f"{type(decoder).__name__}.norm is {type(norm).__name__}; the fused classification head knows "
+            f"only {names}. Use backend='reference' for this model."
+        )
+    variant, eps = known
+    return norm.weight, eps, variant
 
 
 class TorchBackend:

@@ -1,0 +1,79 @@
+"""RMSNorm over the last dimension, as Hugging Face's decoders compute it, rounding included:
+- "llama" (Llama, Qwen2, Qwen3, Mistral): w * (x * rsqrt(mean(x^2) + eps)).to(dtype)
+- "gemma" (Gemma 1/2/3): ((x * rsqrt(mean(x^2) + eps)) * (1 + w)).to(dtype), in fp32
+
+`rms_norm_reference` is the PyTorch version (the HF modules' math, which the torch backend runs
+through the modules themselves, and the fused head's norm); `rms_norm` is the Triton kernel with
+the same signature, which the triton backend runs in place of every such norm of the decoder:
+Gemma-3 has six per layer (four around attention and MLP, two on queries and keys per head). Run as
+PyTorch ops each norm is ~8 kernel launches (upcast, square, mean, add, rsqrt, two products,
+downcast), each a pass over the tensor; the kernel is one launch and one read and write.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from darl_infer.kernels._triton import LAUNCH_LOCK, tl, triton
+
+NORM_VARIANTS = ("llama", "gemma")
+
+
+def check_variant(norm_variant: str) -> None:
+    if norm_variant not in NORM_VARIANTS:
+        raise ValueError(f"unknown norm_variant {norm_variant!r}; choose one of {list(NORM_VARIANTS)}")
+
+
+def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float, norm_variant: str) -> torch.Tensor:
+    check_variant(norm_variant)
+    x32 = x.float()
+    normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    if norm_variant == "gemma":
+        return (normed * (1.0 + weight.float())).to(x.dtype)
+    return weight * normed.to(x.dtype)
+
+
+# --- Triton kernel -------------------------------------------------------------------------------
+# Grid (ceil(rows / BLOCK_R),): each program normalises BLOCK_R whole rows held in registers (a
+# row is at most a few thousand values), so x is read once and the output written once.
+
+
+@triton.jit(do_not_specialize=["rows"])  # the row count changes with every pass
+def _rms_norm_kernel(
+    x, weight, out, rows, stride_x, stride_out, eps,
+    D: tl.constexpr, GEMMA_NORM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    d = tl.arange(0, BLOCK_D)
+    mask = (r < rows)[:, None] & (d < D)[None, :]
+    x32 = tl.load(x + r[:, None] * stride_x + d[None, :], mask=mask, other=0.0).to(tl.float32)
+    normed = x32 * tl.math.rsqrt(tl.sum(x32 * x32, axis=1) / D + eps)[:, None]
+    w = tl.load(weight + d, mask=d < D, other=0.0).to(tl.float32)[None, :]
+    # the casts round where HF's modules round (products in fp32, as torch computes them)
+    if GEMMA_NORM:
+        y = normed * (1.0 + w)
+    else:
+        y = w * normed.to(x.dtype.element_ty).to(tl.float32)
+    tl.store(out + r[:, None] * stride_out + d[None, :], y.to(out.dtype.element_ty), mask=mask)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, norm_variant: str) -> torch.Tensor:
+    """The Triton kernel; same arguments and result as `rms_norm_reference`."""
+    check_variant(norm_variant)
+    D = x.shape[-1]
+    if weight.shape != (D,):
+        raise ValueError(f"weight of shape {tuple(weight.shape)} does not match the last dimension of x {tuple(x.shape)}")
+    rows = x.reshape(-1, D)  # a view for HF's activations
+    if rows.stride(-1) != 1:
+        rows = rows.contiguous()
+    out_dtype = x.dtype if norm_variant == "gemma" else torch.promote_types(x.dtype, weight.dtype)
+    out = torch.empty(rows.shape, dtype=out_dtype, device=x.device)
+    if rows.shape[0]:
+        block_d = triton.next_power_of_2(D)
+        block_r = max(1, min(16, 4096 // block_d))  # ~4K values per program: 4 rows of Gemma's 640, 16 of a head's 256
+        with LAUNCH_LOCK:
+            _rms_norm_kernel[(triton.cdiv(rows.shape[0], block_r),)](
+                rows, weight.contiguous(), out, rows.shape[0], rows.stride(0), out.stride(0), eps,
+                D=D, GEMMA_NORM=norm_variant == "gemma", BLOCK_R=block_r, BLOCK_D=block_d,
+            )
+    return out.view(x.shape)
