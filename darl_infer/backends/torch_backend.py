@@ -66,6 +66,13 @@ def final_norm_of(decoder: torch.nn.Module) -> tuple[torch.Tensor, float, str]:
     return norm.weight, eps, variant
 
 
+# Tokens per forward pass when none is given. On a CPU a pass costs in proportion to its tokens, so
+# 2048 bounds memory at no cost in speed; on a GPU a pass costs ~20 ms of host time (kernel launches)
+# whatever its size up to tens of thousands of tokens (H200, gemma3-270m shapes, 1,000 items of a
+# query: 86 ms at 16,384 tokens a pass, 65.5 ms at 65,536; bench/RESULTS.md).
+DEFAULT_TOKEN_BUDGET = {"cpu": 2048, "cuda": 65536}
+
+
 class TorchBackend:
     name = "torch"
     # PyTorch's fused SDPA: the reference's math (tests/test_sdpa_attention.py) without its
@@ -73,9 +80,9 @@ class TorchBackend:
     attention_op = staticmethod(shared_prefix_attention_sdpa)
     head_op = staticmethod(classification_head_reference)
 
-    def __init__(self, model, token_budget: int = 2048, compile: bool = False):
+    def __init__(self, model, token_budget: int | None = None, compile: bool = False):
         """`token_budget`: tokens per forward pass: the items of one pass, the distinct prefixes of
-        one prefix pass (a longer item or prefix runs alone). `compile`: the decoder layers under
+        one prefix pass (a longer item or prefix runs alone); None: DEFAULT_TOKEN_BUDGET of the device. `compile`: the decoder layers under
         torch.compile, in place (compiled_layers.py; faster in bf16, the first call compiles).
         Concurrent calls take turns at the model, one forward pass at a time, handed over between
         layers to the call with the least work left (turns.py): a small call does not wait for a
@@ -87,7 +94,7 @@ class TorchBackend:
             raise NotImplementedError("a classification head with a bias is not supported; use backend='reference'")
         self.model = model
         self.device = model.device
-        self.token_budget = token_budget
+        self.token_budget = token_budget if token_budget is not None else DEFAULT_TOKEN_BUDGET.get(self.device.type, 2048)
         decoder = getattr(model, model.base_model_prefix)
         if compile:
             compile_decoder_layers(decoder)

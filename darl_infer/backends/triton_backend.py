@@ -42,7 +42,7 @@ class TritonBackend(TorchBackend):
     attention_op = staticmethod(shared_prefix_attention)
     head_op = staticmethod(classification_head)
 
-    def __init__(self, model, token_budget: int = 2048):
+    def __init__(self, model, token_budget: int | None = None):
         check_triton_can_run(model.device)
         super().__init__(model, token_budget)
         use_fused_norms(getattr(model, model.base_model_prefix))
