@@ -7,6 +7,7 @@ shutdown ends the model worker, and the process exits 0.
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import signal
 from pathlib import Path
@@ -99,6 +100,11 @@ def run(args: argparse.Namespace) -> int:
         info["cascade_coarse_checkpoint"] = str(args.cascade)
     model_id = args.model_id or (Path(args.checkpoint).name if args.checkpoint else "darl-default")
     app = create_app(scorer, limits, model_id=model_id, info=info, cascade=None if coarse is None else (coarse, args.keep))
+    # What is loaded by now (the models, tokenizers, libraries: ~400K objects) lives as long as the
+    # process; frozen, it is out of the collector's walk: a full collection, which the garbage of
+    # requests triggers every so often, took ~125 ms with it and ~0 ms after (2-core Xeon)
+    gc.collect()
+    gc.freeze()
     config = uvicorn.Config(app, host=args.host, port=args.port, timeout_graceful_shutdown=args.graceful_timeout)
     # uvicorn handles SIGTERM (graceful shutdown), then raises it again under the handler it found:
     # with this one that second delivery ends nothing and the process exits 0
