@@ -20,12 +20,13 @@ import cohere
 import httpx
 import numpy as np
 import pytest
+import torch
 
 from conftest import ragged_items
 from darl_infer import Scorer
 from darl_infer.serve.app import create_app
 from darl_infer.serve.batching import BatchPlan, Request
-from darl_infer.serve.limits import Limits
+from darl_infer.serve.limits import GPU_MAX_BATCH_TOKENS, Limits
 from darl_infer.serve.scheduler import Job, Piece, by_response_ratio, split_request
 from tiny_models import random_text
 
@@ -570,6 +571,9 @@ def test_real_server_cohere_client_then_sigterm(tiny_checkpoints, scorer, rng, t
             assert [r.index for r in response.results] == [r["corpus_id"] for r in ranked]
             np.testing.assert_allclose([r.relevance_score for r in response.results], [r["score"] / 2 for r in ranked], atol=1e-5)
         assert 'darl_prefix_cache_hits_total{kind="lru"} 1.0' in httpx.get(f"{url}/metrics", timeout=5).text
+        # no --max-batch-tokens: the CPU's step budget, TEI's larger one where the model is on CUDA
+        step = httpx.get(f"{url}/info", timeout=5).json()["limits"]["max_batch_tokens"]
+        assert step == (GPU_MAX_BATCH_TOKENS if torch.cuda.is_available() else Limits().max_batch_tokens)
 
         big = {"query": "w3", "texts": [random_text(rng, 64) for _ in range(1000)]}  # seconds of work here
         with ThreadPoolExecutor(1) as pool:

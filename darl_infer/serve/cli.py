@@ -7,14 +7,17 @@ shutdown ends the model worker, and the process exits 0.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import logging
 import signal
 from pathlib import Path
 
+import torch
+
 from darl_infer.cascade import keep_value
 
-from .limits import Limits
+from .limits import GPU_MAX_BATCH_TOKENS, Limits
 
 EXTRA_HINT = "darl-infer serve needs the 'serve' extra: pip install 'darl-infer[serve]' (fastapi, uvicorn, prometheus-client)"
 
@@ -33,8 +36,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--payload-limit", type=int, default=d.payload_limit, help="request body bytes; more is 413")
     p.add_argument("--max-concurrent-requests", type=int, default=d.max_concurrent_requests,
                    help="requests in flight; more is 429 with Retry-After")
-    p.add_argument("--max-batch-tokens", type=int, default=d.max_batch_tokens,
-                   help="tokens (each query's prefix once + items) a worker scores in one step")
+    p.add_argument("--max-batch-tokens", type=int, default=None,
+                   help=f"tokens (each query's prefix once + items) a worker scores in one step (default: "
+                        f"{d.max_batch_tokens}; {GPU_MAX_BATCH_TOKENS} where the model runs on CUDA)")
     p.add_argument("--concurrent-steps", type=int, default=d.concurrent_steps,
                    help="steps in flight at once; the torch backend hands the model between them by layers, least work left first")
     p.add_argument("--prefix-cache-mb", type=int, default=d.prefix_cache_mb,
@@ -72,6 +76,12 @@ def load_models(args: argparse.Namespace, limits: Limits):
     return scorers[0], (scorers[1] if args.cascade is not None else None), sum(kinds)
 
 
+def runs_on_cuda(scorer) -> bool:
+    """Whether the scorer's model runs on a CUDA device (its backend's `device`)."""
+    device = getattr(getattr(scorer, "backend", None), "device", None)
+    return isinstance(device, torch.device) and device.type == "cuda"
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         import fastapi  # noqa: F401
@@ -82,12 +92,15 @@ def run(args: argparse.Namespace) -> int:
     from .app import create_app
 
     try:
+        step_tokens = {} if args.max_batch_tokens is None else {"max_batch_tokens": args.max_batch_tokens}
         limits = Limits(
             max_client_batch_size=args.max_client_batch_size, payload_limit=args.payload_limit,
-            max_concurrent_requests=args.max_concurrent_requests, max_batch_tokens=args.max_batch_tokens,
-            concurrent_steps=args.concurrent_steps, prefix_cache_mb=args.prefix_cache_mb,
+            max_concurrent_requests=args.max_concurrent_requests, concurrent_steps=args.concurrent_steps,
+            prefix_cache_mb=args.prefix_cache_mb, **step_tokens,
         )
         scorer, coarse, bi_encoders = load_models(args, limits)
+        if args.max_batch_tokens is None and runs_on_cuda(scorer):
+            limits = dataclasses.replace(limits, max_batch_tokens=GPU_MAX_BATCH_TOKENS)
     # bad flag values (a prefix cache for a backend that keeps none), an unknown backend, a broken checkpoint
     except (ValueError, OSError) as e:
         raise SystemExit(f"darl-infer serve: {e}") from None

@@ -1,11 +1,16 @@
 """The service's limits, one command-line flag each. The request limits' defaults are
 text-embeddings-inference's; the step budget is a quarter of TEI's 16384 so that one step stays
 short on a CPU, where a step's time grows with its tokens and steps past ~2,600 tokens buy no
-speed (bench/matmul_shapes.py: from there every projection runs on both cores)."""
+speed (bench/matmul_shapes.py: from there every projection runs on both cores). On CUDA the step
+budget is TEI's own 16384 (`GPU_MAX_BATCH_TOKENS`): there a step costs ~20 ms of kernel launches
+whatever its size up to tens of thousands of tokens (bench/RESULTS.md, "On a GPU")."""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+
+
+GPU_MAX_BATCH_TOKENS = 16384
 
 
 @dataclass(frozen=True)
