@@ -57,4 +57,8 @@ def use_fused_norms(decoder: torch.nn.Module) -> None:
     for module in decoder.modules():
         if (known := known_norm(module)) is not None:
             variant, eps = known
-            module.forward = functools.partial(rms_norm, weight=module.weight, eps=eps, norm_variant=variant)
+            module.forward = functools.partial(_norm_through_kernel, module, variant, eps)
+
+
+def _norm_through_kernel(norm: torch.nn.Module, variant: str, eps: float, x: torch.Tensor) -> torch.Tensor:
+    return rms_norm(x, norm.weight, eps, variant)  # the weight read at each call: it may be replaced
