@@ -123,8 +123,8 @@ def hf_pairwise(checkpoint: Path, dtype: torch.dtype, device: str):
     return score, encoder
 
 
-def scorer_fn(checkpoint: Path, backend: str, dtype: str, device: str, token_budget: int):
-    options = {} if backend == "reference" else {"token_budget": token_budget}
+def scorer_fn(checkpoint: Path, backend: str, dtype: str, device: str, token_budget: int | None):
+    options = {} if backend == "reference" or token_budget is None else {"token_budget": token_budget}
     scorer = Scorer.from_pretrained(checkpoint, backend=backend, dtype=dtype, device=device, **options)
     return (lambda query, items: scorer.score(query, items).probs), scorer.encoder
 
@@ -224,7 +224,7 @@ def main() -> None:
     ap.add_argument("--instruction-tokens", type=int, nargs="+", default=[0, 64, 256])
     ap.add_argument("--items", type=int, nargs="+", default=[10, 100, 1000])
     ap.add_argument("--queries", type=int, default=10, help="timed queries per row (after one warm-up)")
-    ap.add_argument("--token-budget", type=int, default=16384, help="the torch/triton backends' tokens per forward pass")
+    ap.add_argument("--token-budget", type=int, default=None, help="the torch/triton backends' tokens per forward pass (default: theirs)")
     ap.add_argument("--rows", nargs="+", default=["reference", "hf-pairwise", "torch", "triton"])
     ap.add_argument("--work-dir", default="/tmp/darl_gpu_bench")
     ap.add_argument("--no-kernels", action="store_true", help="skip the kernels-alone table")
@@ -243,7 +243,7 @@ def main() -> None:
         f"- GPU: {gpu_line() if device == 'cuda' else 'none (dry run on the CPU)'}",
         f"- measured: bf16 matmul (8192³, x @ w.T) {peak / 1e12:.0f} TFLOP/s; device copy {bandwidth / 1e12:.2f} TB/s (read + write)",
         f"- models random-init at the real configs, word-level tokenizer; queries {QUERY_WORDS} tokens, items "
-        f"{ITEM_WORDS[0]}-{ITEM_WORDS[1]} tokens; torch/triton token budget {args.token_budget}; {args.queries} timed queries per row after one warm-up",
+        f"{ITEM_WORDS[0]}-{ITEM_WORDS[1]} tokens; torch/triton token budget {args.token_budget or 'the default'}; {args.queries} timed queries per row after one warm-up",
     ]
     lines = ["| model | instr. tokens | N | row | items/s | × hf-pairwise | p50 ms/query | p95 ms/query | max abs Δprob | within tol. | useful TFLOP/s | % of bf16 peak |",
              "|---|---:|---:|---|---:|---:|---:|---:|---:|:---:|---:|---:|"]

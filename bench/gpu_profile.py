@@ -68,7 +68,7 @@ def main() -> None:
     ap.add_argument("--backends", nargs="+", default=["triton", "torch"])
     ap.add_argument("--items", type=int, nargs="+", default=[10, 1000])
     ap.add_argument("--instruction-tokens", type=int, default=64)
-    ap.add_argument("--token-budget", type=int, default=16384)
+    ap.add_argument("--token-budget", type=int, default=None, help="tokens per forward pass (default: the backend's)")
     ap.add_argument("--rows", type=int, default=15, help="ops listed per table")
     ap.add_argument("--work-dir", default="/tmp/darl_gpu_profile")
     ap.add_argument("--dry-run", action="store_true", help="without CUDA: the torch backend on the CPU")
@@ -82,7 +82,7 @@ def main() -> None:
     lines = [f"- command: `python bench/gpu_profile.py {' '.join(sys.argv[1:])}`",
              f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
              f"- GPU: {gpu_line() if device == 'cuda' else 'none (dry run on the CPU)'}",
-             f"- {args.model} random-init, bf16, instruction {args.instruction_tokens} tokens, token budget {args.token_budget}", ""]
+             f"- {args.model} random-init, bf16, instruction {args.instruction_tokens} tokens, token budget {args.token_budget or 'the default'}", ""]
 
     def report(line: str = "") -> None:
         lines.append(line)
@@ -96,7 +96,8 @@ def main() -> None:
     expected = [reference.score(q, items).probs for q, items in checks]
     del reference
     for backend in backends:
-        scorer = Scorer.from_pretrained(checkpoint, backend=backend, dtype="bf16", device=device, token_budget=args.token_budget)
+        options = {} if args.token_budget is None else {"token_budget": args.token_budget}
+        scorer = Scorer.from_pretrained(checkpoint, backend=backend, dtype="bf16", device=device, **options)
         diff = max(float(np.abs(scorer.score(q, items).probs - e).max()) for (q, items), e in zip(checks, expected))
         report(f"## {backend}: max |Δprob| against the bf16 reference (3 queries x 10 items): {diff:.1e}")
         for n_items in args.items:
