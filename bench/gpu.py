@@ -11,7 +11,9 @@ Rows, each per (model, instruction tokens, N items per query), bf16 on the GPU:
   reference     darl_infer's oracle, every pair alone through HF (N = 10 only: it is pairwise)
   hf-pairwise   AutoModelForSequenceClassification on padded batches of 32 pairs (hand-written usage)
   torch         darl_infer, the prefix once per query, items packed against it, PyTorch's fused SDPA
-  triton        the torch flow with the Triton shared-prefix attention and fused head
+  triton        the torch flow with the Triton kernels (shared-prefix attention, RMSNorm, fused head)
+  torch-compiled  the torch backend with compile=True (inductor's GPU codegen; opt-in: --rows ...
+                torch-compiled; its first query compiles, which the warm-up absorbs)
 Columns: items/s, p50 / p95 ms per query (after a warm-up query), max |Δprob| over the first 10
 items against the oracle in fp32 (within the bf16 tolerance of DESIGN.md?), useful TFLOP/s (the
 work of bench/workload.py's FlopModel: the prefix once for darl_infer, every pair whole for the
@@ -123,8 +125,11 @@ def hf_pairwise(checkpoint: Path, dtype: torch.dtype, device: str):
     return score, encoder
 
 
-def scorer_fn(checkpoint: Path, backend: str, dtype: str, device: str, token_budget: int | None):
+def scorer_fn(checkpoint: Path, row: str, dtype: str, device: str, token_budget: int | None):
+    backend = "torch" if row == "torch-compiled" else row
     options = {} if backend == "reference" or token_budget is None else {"token_budget": token_budget}
+    if row == "torch-compiled":
+        options["compile"] = True
     scorer = Scorer.from_pretrained(checkpoint, backend=backend, dtype=dtype, device=device, **options)
     return (lambda query, items: scorer.score(query, items).probs), scorer.encoder
 
@@ -225,7 +230,8 @@ def main() -> None:
     ap.add_argument("--items", type=int, nargs="+", default=[10, 100, 1000])
     ap.add_argument("--queries", type=int, default=10, help="timed queries per row (after one warm-up)")
     ap.add_argument("--token-budget", type=int, default=None, help="the torch/triton backends' tokens per forward pass (default: theirs)")
-    ap.add_argument("--rows", nargs="+", default=["reference", "hf-pairwise", "torch", "triton"])
+    ap.add_argument("--rows", nargs="+", default=["reference", "hf-pairwise", "torch", "triton"],
+                    choices=["reference", "hf-pairwise", "torch", "triton", "torch-compiled"])
     ap.add_argument("--work-dir", default="/tmp/darl_gpu_bench")
     ap.add_argument("--no-kernels", action="store_true", help="skip the kernels-alone table")
     ap.add_argument("--dry-run", action="store_true", help="without CUDA: the torch rows on the CPU, no peaks, no kernels")
@@ -266,7 +272,7 @@ def main() -> None:
             _, oracle = timed(oracle_fn, check_queries)
             del oracle_fn
             base = {}  # N -> hf-pairwise items/s
-            for row in ["reference", "hf-pairwise", "torch", "triton"]:  # hf-pairwise first: the × column
+            for row in ["reference", "hf-pairwise", "torch", "triton", "torch-compiled"]:  # hf-pairwise first: the × column
                 if row not in args.rows or (row == "triton" and device != "cuda"):
                     continue
                 try:  # one failing row must not cost the rest of a GPU run
