@@ -74,8 +74,8 @@ def _positions(lengths: Sequence[int], firsts: Sequence[int], device) -> torch.T
 
 
 def _on(device, ids: Sequence[torch.Tensor]) -> torch.Tensor:
-    """The sequences' ids back to back as one (1, T) row on `device`: one host-to-device copy for
-    the whole pass (a thousand items' ids copied one by one cost ~1,000 small copies on a GPU)."""
+    """The sequences' ids (on any device) back to back as one (1, T) row on `device`: callers build
+    ids on the CPU, and a pass makes one host-to-device copy, not one per item."""
     return torch.cat(ids).to(device)[None]
 
 
