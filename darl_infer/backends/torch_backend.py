@@ -83,8 +83,8 @@ class TorchBackend:
     def __init__(self, model, token_budget: int | None = None, compile: bool = False):
         """`token_budget`: tokens per forward pass: the items of one pass, the distinct prefixes of
         one prefix pass (a longer item or prefix runs alone); None: the device's
-        DEFAULT_TOKEN_BUDGET. `compile`: the decoder layers under torch.compile, in place (compiled_layers.py; faster in bf16, the first call compiles).
-        Concurrent calls take turns at the model, one forward pass at a time, handed over between
+        DEFAULT_TOKEN_BUDGET. `compile`: the decoder layers under torch.compile, in place
+        (compiled_layers.py; faster in bf16, the first call compiles). Concurrent calls take turns at the model, one forward pass at a time, handed over between
         layers to the call with the least work left (turns.py): a small call does not wait for a
         large one, and threads never run the model side by side (with compile=True they must not:
         a new input shape recompiles and tracing is not thread-safe; Hugging Face's `kernels`
