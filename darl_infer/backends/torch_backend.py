@@ -84,12 +84,13 @@ class TorchBackend:
         """`token_budget`: tokens per forward pass: the items of one pass, the distinct prefixes of
         one prefix pass (a longer item or prefix runs alone); None: the device's
         DEFAULT_TOKEN_BUDGET. `compile`: the decoder layers under torch.compile, in place
-        (compiled_layers.py; faster in bf16, the first call compiles). Concurrent calls take turns at the model, one forward pass at a time, handed over between
-        layers to the call with the least work left (turns.py): a small call does not wait for a
-        large one, and threads never run the model side by side (with compile=True they must not:
-        a new input shape recompiles and tracing is not thread-safe; Hugging Face's `kernels`
-        keeps the rotary function's state in a global while dynamo traces,
-        tests/test_compiled_layers.py). Options are checked by the Scorer."""
+        (compiled_layers.py; faster in bf16, the first call compiles). Concurrent calls take turns
+        at the model, one forward pass at a time, handed over between layers to the call with the
+        least work left (turns.py): a small call does not wait for a large one, and threads never
+        run the model side by side (with compile=True they must not: a new input shape recompiles
+        and tracing is not thread-safe; Hugging Face's `kernels` keeps the rotary function's state
+        in a global while dynamo traces, tests/test_compiled_layers.py). Options are checked by the
+        Scorer."""
         if getattr(model.score, "bias", None) is not None:
             raise NotImplementedError("a classification head with a bias is not supported; use backend='reference'")
         self.model = model
