@@ -659,3 +659,13 @@ def test_serve_cache_flags_go_to_the_model_that_keeps_that_cache(tiny_checkpoint
         serve_main(["--checkpoint", cross, "--item-cache-mb", "8"])
     with pytest.raises(SystemExit, match="--prefix-cache-mb keeps prefixes' K/V, which a bi-encoder has none of"):
         serve_main(["--checkpoint", str(bi), "--prefix-cache-mb", "8"])
+
+
+def test_the_gpu_step_budget_goes_to_models_on_cuda(scorer):
+    from types import SimpleNamespace
+
+    from darl_infer.serve.cli import runs_on_cuda
+
+    assert not runs_on_cuda(scorer)  # the tiny model on the CPU
+    assert runs_on_cuda(SimpleNamespace(backend=SimpleNamespace(device=torch.device("cuda", 0))))
+    assert not runs_on_cuda(SimpleNamespace())  # a scorer without a backend device (a bi-encoder's): the CPU budget
