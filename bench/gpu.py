@@ -276,7 +276,8 @@ def main() -> None:
             del oracle_fn
             base = {}  # N -> hf-pairwise items/s
             bf16_reference = None  # the reference row's probabilities of the checked items
-            for row in ["reference", "hf-pairwise", "torch", "triton", "torch-compiled"]:  # hf-pairwise first: the × column
+            # the reference first (the bf16 column), then hf-pairwise (the × column)
+            for row in ["reference", "hf-pairwise", "torch", "triton", "torch-compiled"]:
                 if row not in args.rows or (row == "triton" and device != "cuda"):
                     continue
                 try:  # one failing row must not cost the rest of a GPU run
