@@ -10,7 +10,9 @@ import torch
 
 from darl_infer.kernels._triton import HAS_TRITON, INTERPRETED
 from darl_infer.kernels.classification_head import classification_head, classification_head_reference
+from darl_infer.kernels.gated_activation import gated_activation, gated_activation_reference
 from darl_infer.kernels.rms_norm import rms_norm, rms_norm_reference
+from darl_infer.kernels.rotary import rotary, rotary_reference
 from darl_infer.kernels.shared_prefix_attention import shared_prefix_attention, shared_prefix_attention_reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -192,3 +194,114 @@ def test_rms_norm_reference_is_the_hf_modules_math(module_name, dtype):
     module = module.to(device=DEVICE, dtype=dtype)
     module.weight.data.copy_(weight)
     assert torch.equal(rms_norm_reference(x, module.weight, 1e-6, variant), module(x))
+
+
+ROTARY_LAYOUTS = {"smollm2": (2, 5, 9, 64), "gemma3": (1, 7, 4, 256), "head_dim_80": (1, 6, 2, 80)}  # (B, T, H, D)
+
+
+def rotary_inputs(layout, dtype, norm_variant=None, seed=0):
+    """x as a slice of a wider projection output (the fused q/k/v matmul's), and HF's cos and sin:
+    positions from 30 on (items continue a prefix), rounded to the dtype as HF's rotary module does."""
+    B, T, H, D = ROTARY_LAYOUTS[layout]
+    g = torch.Generator().manual_seed(seed)
+    projection = 3 * torch.randn(B, T, 2 * H * D, generator=g)
+    inv_freq = 1.0 / 10000 ** (torch.arange(0, D, 2).float() / D)
+    angles = (30 + torch.arange(T)).float()[:, None] * inv_freq[None, :]
+    emb = torch.cat((angles, angles), dim=-1).expand(B, T, D)
+    weight = None
+    if norm_variant is not None:
+        weight = (0.5 * torch.randn(D, generator=g) + (1.0 if norm_variant == "llama" else 0.0)).to(device=DEVICE, dtype=dtype)
+    x = projection.to(device=DEVICE, dtype=dtype)[..., H * D :].view(B, T, H, D)
+    return x, emb.cos().to(device=DEVICE, dtype=dtype), emb.sin().to(device=DEVICE, dtype=dtype), weight
+
+
+def assert_rotary_matches(x, cos, sin, weight, variant):
+    out = rotary(x, cos, sin, weight, 1e-6, variant or "llama")
+    expected = rotary_reference(x, cos, sin, weight, 1e-6, variant or "llama")
+    assert out.dtype == expected.dtype and out.shape == expected.shape and out.is_contiguous()
+    # the products and the sum round where torch rounds them, so the kernel differs only where the
+    # norm's sum of squares (or, in fp32, a fused multiply-add) rounds the other way: one unit in the
+    # last place of the row's largest value (a rotation keeps each pair's length, so no term is
+    # larger than ~1.4x it); four for bf16 in the interpreter, which casts by truncation, an error
+    # of up to one unit at each of the norm's, the products' and the sum's roundings
+    ulps = 4 if INTERPRETED and x.dtype == torch.bfloat16 else 1
+    scale = expected.abs().amax(-1, keepdim=True)
+    assert ((out.float() - expected.float()).abs() <= ulps * torch.finfo(x.dtype).eps * scale.float() + 1e-6).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("variant", [None, "llama", "gemma"])
+@pytest.mark.parametrize("layout", ROTARY_LAYOUTS)
+def test_rotary(layout, variant, dtype):
+    assert_rotary_matches(*rotary_inputs(layout, dtype, variant), variant)
+
+
+def test_rotary_takes_no_rows_and_rejects_mismatches():
+    x, cos, sin, weight = rotary_inputs("smollm2", torch.float32, "llama")
+    assert rotary(x[:, :0], cos[:, :0], sin[:, :0], weight, 1e-6).shape == (2, 0, 9, 64)
+    with pytest.raises(ValueError, match="shapes do not match"):
+        rotary(x, cos[:, :3], sin[:, :3])
+    with pytest.raises(ValueError, match="norm_weight"):
+        rotary(x, cos, sin, weight.half(), 1e-6)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma3"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotary_reference_is_hf_math(arch, dtype):
+    """Bit-equal to HF's attention between the projections and the attention function: the
+    per-head norms (Qwen3, Gemma-3) on HF's (B, H, T, D) layout, then `apply_rotary_pos_emb`."""
+    import importlib
+
+    modeling = importlib.import_module(f"transformers.models.{arch}.modeling_{arch}")
+    variant = {"llama": None, "qwen3": "llama", "gemma3": "gemma"}[arch]
+    q, cos, sin, weight = rotary_inputs("gemma3", dtype, variant, seed=1)
+    k, _, _, _ = rotary_inputs("gemma3", dtype, variant, seed=2)
+    q_hf, k_hf = q.transpose(1, 2), k.transpose(1, 2)
+    if variant is not None:
+        norm = getattr(modeling, f"{arch.capitalize()}RMSNorm")(q.shape[-1], eps=1e-6).to(device=DEVICE, dtype=dtype)
+        norm.weight.data.copy_(weight)
+        q_hf, k_hf = norm(q_hf), norm(k_hf)
+    q_hf, k_hf = modeling.apply_rotary_pos_emb(q_hf, k_hf, cos, sin)
+    assert torch.equal(rotary_reference(q, cos, sin, weight, 1e-6, variant or "llama").transpose(1, 2), q_hf)
+    assert torch.equal(rotary_reference(k, cos, sin, weight, 1e-6, variant or "llama").transpose(1, 2), k_hf)
+
+
+def gated_inputs(rows, size, dtype, seed=0):
+    """gate and up as the two halves of one fused projection's output, as the triton backend gives them."""
+    g = torch.Generator().manual_seed(seed)
+    return (3 * torch.randn(rows, 2 * size, generator=g)).to(device=DEVICE, dtype=dtype).split(size, dim=-1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("activation", ["silu", "gelu_tanh"])
+@pytest.mark.parametrize(("rows", "size"), [(5, 128), (3, 2048), (7, 1500)])  # 1500: masked columns
+def test_gated_activation(rows, size, activation, dtype):
+    gate, up = gated_inputs(rows, size, dtype)
+    out = gated_activation(gate, up, activation)
+    expected = gated_activation_reference(gate, up, activation)
+    assert out.dtype == expected.dtype and out.shape == expected.shape
+    # the activation in another exp/tanh form than torch's may round the other way: one unit in the
+    # last place of the activation, carried through the product; two for bf16 in the interpreter
+    ulps = 2 if INTERPRETED and dtype == torch.bfloat16 else 1
+    bound = 2 * ulps * torch.finfo(dtype).eps * (gate.float().abs() * up.float().abs()) + 1e-6
+    assert ((out.float() - expected.float()).abs() <= bound).all()
+
+
+@pytest.mark.parametrize(("arch", "activation"), [("llama", "silu"), ("gemma3", "gelu_tanh")])
+def test_gated_activation_reference_is_hf_mlp_math(arch, activation):
+    from transformers import Gemma3TextConfig, LlamaConfig
+    from transformers.models.gemma3.modeling_gemma3 import Gemma3MLP
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    config = (LlamaConfig if arch == "llama" else Gemma3TextConfig)(hidden_size=64, intermediate_size=128)
+    mlp = (LlamaMLP if arch == "llama" else Gemma3MLP)(config).to(device=DEVICE, dtype=torch.bfloat16)
+    gate, up = gated_inputs(9, 128, torch.bfloat16)
+    assert torch.equal(gated_activation_reference(gate, up, activation), mlp.act_fn(gate) * up)
+
+
+def test_gated_activation_rejects_mismatches():
+    gate, up = gated_inputs(3, 64, torch.float32)
+    with pytest.raises(ValueError, match="must match"):
+        gated_activation(gate, up[:2], "silu")
+    with pytest.raises(ValueError, match="unknown activation"):
+        gated_activation(gate, up, "relu")

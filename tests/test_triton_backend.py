@@ -14,7 +14,8 @@ from conftest import ragged_items
 from darl_infer import Scorer
 from darl_infer.backends import triton_backend
 from darl_infer.backends.chunking import length_sorted_chunks
-from darl_infer.kernels import classification_head, rms_norm, shared_prefix_attention
+from darl_infer.backends.kernel_modules import FusedLinear, activation_of
+from darl_infer.kernels import classification_head, gated_activation, rms_norm, rotary, shared_prefix_attention
 from darl_infer.kernels._triton import HAS_TRITON
 from tiny_models import random_text
 
@@ -34,7 +35,7 @@ def scorers(tiny_checkpoints):
     return get
 
 
-@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3"])  # Qwen2: biases on the fused q/k/v projection
 def test_triton_matches_reference(scorers, arch, rng):
     query = random_text(rng, 5)
     items = ragged_items(rng, 6, max_tokens=20)
@@ -73,6 +74,8 @@ def test_triton_backend_launches_the_kernels(scorers, monkeypatch, rng):
     attention = count_launches(monkeypatch, shared_prefix_attention._shared_prefix_attention_kernel)
     head = count_launches(monkeypatch, classification_head._classification_head_kernel)
     norm = count_launches(monkeypatch, rms_norm._rms_norm_kernel)
+    rotations = count_launches(monkeypatch, rotary._rotary_kernel)
+    mlp = count_launches(monkeypatch, gated_activation._gated_activation_kernel)
     query, items = random_text(rng, 5), ragged_items(rng, 6, max_tokens=20)
     enc = scorer.encoder.encode(query, items)
     n_chunks = len(length_sorted_chunks([len(s) for s in enc.suffixes], 40))
@@ -82,6 +85,8 @@ def test_triton_backend_launches_the_kernels(scorers, monkeypatch, rng):
     assert len(attention) == n_layers * (1 + n_chunks)  # the prefix pass, then every chunk of items
     assert len(head) == n_chunks
     assert len(norm) == n_chunks * (2 * n_layers + 1)  # Llama: two norms per layer and the final one, per pass
+    assert len(rotations) == n_chunks * 2 * n_layers  # q and k of each layer, per pass
+    assert len(mlp) == n_chunks * n_layers
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
@@ -102,6 +107,30 @@ def test_triton_score_many_packs_queries_and_matches_reference(scorers, monkeypa
             assert np.abs(got.probs - reference.score(query, items).probs).max() <= 1e-4
         else:
             assert got.probs.shape == (0, 3)
+
+
+def test_fused_linear_is_its_layers_and_follows_their_parameters():
+    torch.manual_seed(0)
+    first, second = torch.nn.Linear(8, 3), torch.nn.Linear(8, 5)
+    x = torch.randn(4, 8)
+    expected = first(x), second(x)
+    fused = FusedLinear(first, second)
+    for got, want, layer in zip(fused(x), expected, (first, second)):
+        torch.testing.assert_close(got, want)
+        torch.testing.assert_close(layer(x), want)  # the layers' parameters are views of the fused ones
+    with torch.no_grad():
+        second.weight.mul_(2)  # copied into: the fused weight shares the storage
+    first.weight = torch.nn.Parameter(torch.zeros(3, 8))  # replaced: fused again
+    torch.testing.assert_close(fused(x)[0], first(x))
+    torch.testing.assert_close(fused(x)[1], second(x))
+
+
+def test_activation_of_tells_the_activation_by_what_it_computes():
+    from transformers.activations import ACT2FN
+
+    assert activation_of(ACT2FN["silu"]) == "silu"
+    assert activation_of(ACT2FN["gelu_pytorch_tanh"]) == "gelu_tanh"
+    assert activation_of(ACT2FN["gelu"]) is None  # the exact GELU: HF's forward runs
 
 
 def test_threads_sharing_a_triton_scorer_get_the_sequential_results(scorers, rng):

@@ -39,7 +39,7 @@ _KNOWN_NORMS = {
 
 
 @functools.cache
-def _norm_class(arch: str, name: str) -> type:
+def hf_class(arch: str, name: str) -> type:
     return getattr(importlib.import_module(f"transformers.models.{arch}.modeling_{arch}"), name)
 
 
@@ -47,7 +47,7 @@ def known_norm(module: torch.nn.Module | None) -> tuple[str, float] | None:
     """(norm variant, eps) if `module` is one of the known RMSNorm classes, else None. Matched by
     exact class: a subclass or another norm may compute something else."""
     for (arch, name), (variant, eps_attr) in _KNOWN_NORMS.items():
-        if type(module) is _norm_class(arch, name):
+        if type(module) is hf_class(arch, name):
             return variant, float(getattr(module, eps_attr))
     return None
 
