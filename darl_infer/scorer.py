@@ -190,6 +190,6 @@ def quantize_int8(model: torch.nn.Module, tokenizer, spec: CheckpointSpec, names
     int8, in place, each smoothed by its inputs' ranges while the float model scores the package's
     calibration pairs (INT8_CALIBRATION) with the checkpoint's template."""
     pairs = [(row["query"], row["item"]) for _, row in iter_rows(INT8_CALIBRATION)]
-    with record_input_absmax(model) as absmax:
-        Scorer(model, tokenizer, spec, backend="torch").predict(pairs)
+    with record_input_absmax(model) as absmax:  # HF's modules as they are: the torch backend's fused
+        Scorer(model, tokenizer, spec, backend="reference").predict(pairs)  # projections would pass the hooks
     quantize_decoder_linears(model, absmax, names)

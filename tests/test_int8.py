@@ -74,7 +74,9 @@ def test_smoothing_keeps_the_product_and_flattens_outlier_channels():
 
 
 def test_record_input_absmax_sees_each_decoder_linear_input(tiny_checkpoints):
-    scorer = Scorer.from_pretrained(tiny_checkpoints["gemma3"], dtype="fp32")
+    # the reference backend runs HF's modules as they are (the torch backend's fused projections
+    # would call q/k/v and gate/up as one matmul, past these layers' hooks)
+    scorer = Scorer.from_pretrained(tiny_checkpoints["gemma3"], backend="reference", dtype="fp32")
     model = scorer.backend.model
     linears = [module for _, _, module in decoder_linears(model)]
     seen = {}

@@ -15,6 +15,8 @@ import math
 
 import torch
 
+from darl_infer.kernels.gated_activation import check_activation
+
 from .attention_hook import compiled_layer
 
 
@@ -38,8 +40,20 @@ class TanhGeluViaExp(torch.nn.Module):
     (x < -3); elsewhere it matches eager's bf16 GELU to 2e-5 (bench/RESULTS.md, issue 16)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        return (x32 / (1 + torch.exp(-math.sqrt(8 / math.pi) * (x32 + 0.044715 * x32 * x32 * x32)))).to(x.dtype)
+        return tanh_gelu_via_exp(x)
+
+
+def tanh_gelu_via_exp(x: torch.Tensor) -> torch.Tensor:
+    x32 = x.float()
+    return (x32 / (1 + torch.exp(-math.sqrt(8 / math.pi) * (x32 + 0.044715 * x32 * x32 * x32)))).to(x.dtype)
+
+
+def gated_activation_for_inductor(gate: torch.Tensor, up: torch.Tensor, activation: str) -> torch.Tensor:
+    """kernels/gated_activation.py's op in compiled layers (fused_modules.py): Gemma's GELU in the
+    form `TanhGeluViaExp` explains."""
+    check_activation(activation)
+    act = tanh_gelu_via_exp(gate) if activation == "gelu_tanh" else torch.nn.functional.silu(gate)
+    return act * up
 
 
 def compile_decoder_layers(decoder: torch.nn.Module) -> None:

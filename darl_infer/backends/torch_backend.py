@@ -10,54 +10,30 @@ its first chunk (prefix_runner.JointPass), one pass fewer than running them firs
 
 from __future__ import annotations
 
-import functools
-import importlib
+import dataclasses
 from itertools import accumulate
 
 import torch
 
 from darl_infer.kernels.classification_head import classification_head_reference
+from darl_infer.kernels.gated_activation import gated_activation_reference
+from darl_infer.kernels.rotary import rotary_reference
 
 from ..template import Encoded
 from .sdpa_attention import shared_prefix_attention_sdpa
 from .chunking import length_sorted_chunks, prefix_rounds
-from .compiled_layers import compile_decoder_layers
+from .compiled_layers import compile_decoder_layers, gated_activation_for_inductor
+from .fused_modules import KNOWN_NORMS, ElementwiseOps, known_norm, use_fused_modules
 from .prefix_cache import PrefixLRU
 from .prefix_runner import PrefixKV, PrefixRunner
 from .turns import TakingTurns
-
-# RMSNorm classes whose math kernels/rms_norm.py reproduces: class -> (norm variant, eps attribute)
-_KNOWN_NORMS = {
-    ("llama", "LlamaRMSNorm"): ("llama", "variance_epsilon"),
-    ("qwen2", "Qwen2RMSNorm"): ("llama", "variance_epsilon"),
-    ("qwen3", "Qwen3RMSNorm"): ("llama", "variance_epsilon"),
-    ("mistral", "MistralRMSNorm"): ("llama", "variance_epsilon"),
-    ("gemma", "GemmaRMSNorm"): ("gemma", "eps"),
-    ("gemma2", "Gemma2RMSNorm"): ("gemma", "eps"),
-    ("gemma3", "Gemma3RMSNorm"): ("gemma", "eps"),
-}
-
-
-@functools.cache
-def hf_class(arch: str, name: str) -> type:
-    return getattr(importlib.import_module(f"transformers.models.{arch}.modeling_{arch}"), name)
-
-
-def known_norm(module: torch.nn.Module | None) -> tuple[str, float] | None:
-    """(norm variant, eps) if `module` is one of the known RMSNorm classes, else None. Matched by
-    exact class: a subclass or another norm may compute something else."""
-    for (arch, name), (variant, eps_attr) in _KNOWN_NORMS.items():
-        if type(module) is hf_class(arch, name):
-            return variant, float(getattr(module, eps_attr))
-    return None
-
 
 def final_norm_of(decoder: torch.nn.Module) -> tuple[torch.Tensor, float, str]:
     """(weight, eps, variant) of the decoder's final norm, for the fused head; an error rather than
     a guess for a norm the head does not know."""
     norm = getattr(decoder, "norm", None)
     if (known := known_norm(norm)) is None:
-        names = ", ".join(name for _, name in _KNOWN_NORMS)
+        names = ", ".join(name for _, name in KNOWN_NORMS)
         raise NotImplementedError(
             f"{type(decoder).__name__}.norm is {type(norm).__name__}; the fused classification head knows "
             f"only {names}. Use backend='reference' for this model."
@@ -79,6 +55,8 @@ class TorchBackend:
     # separate scale / mask / softmax passes and fp32 round trips (bench/RESULTS.md, issue 16)
     attention_op = staticmethod(shared_prefix_attention_sdpa)
     head_op = staticmethod(classification_head_reference)
+    # between the matmuls of the fused q/k/v and gate/up projections (fused_modules.py); HF's norms
+    elementwise_ops = ElementwiseOps(rotary=rotary_reference, gated=gated_activation_reference)
 
     def __init__(self, model, token_budget: int | None = None, compile: bool = False):
         """`token_budget`: tokens per forward pass: the items of one pass, the distinct prefixes of
@@ -97,6 +75,10 @@ class TorchBackend:
         self.device = model.device
         self.token_budget = token_budget if token_budget is not None else DEFAULT_TOKEN_BUDGET.get(self.device.type, 2048)
         decoder = getattr(model, model.base_model_prefix)
+        ops = self.elementwise_ops
+        self.fused_projections = use_fused_modules(
+            decoder, dataclasses.replace(ops, gated=gated_activation_for_inductor) if compile else ops
+        )
         if compile:
             compile_decoder_layers(decoder)
         self.turns = TakingTurns()
@@ -122,6 +104,8 @@ class TorchBackend:
         reuse and to keep (None: none)."""
         tokens = sum(len(enc.prefix) + sum(map(len, enc.suffixes)) for enc in encoded if enc.suffixes)
         with self.turns.call(tokens * self.layers):
+            for projection in self.fused_projections:
+                projection.refresh()
             return self._probs_many(encoded, lru)
 
     def _probs_many(self, encoded: list[Encoded], lru: PrefixLRU | None) -> list[torch.Tensor]:

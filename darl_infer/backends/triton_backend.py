@@ -1,6 +1,6 @@
 """`triton` backend: the torch backend's model and flow with the Triton kernels swapped in: the
 shared-prefix attention (one launch per layer), the decoder's norms, rotary embeddings and gated
-MLP activations, with fused q/k/v and gate/up projections (kernel_modules.py), and the fused
+MLP activations, between the fused q/k/v and gate/up projections (fused_modules.py), and the fused
 classification head (one launch per chunk of items). On CUDA the kernels are compiled; on CPU
 they run only in Triton's interpreter (TRITON_INTERPRET=1, slow, for testing).
 """
@@ -13,9 +13,12 @@ import torch
 
 from darl_infer.kernels._triton import HAS_TRITON, INTERPRETED
 from darl_infer.kernels.classification_head import classification_head
+from darl_infer.kernels.gated_activation import gated_activation
+from darl_infer.kernels.rms_norm import rms_norm
+from darl_infer.kernels.rotary import rotary
 from darl_infer.kernels.shared_prefix_attention import shared_prefix_attention
 
-from .kernel_modules import use_kernel_modules
+from .fused_modules import ElementwiseOps
 from .torch_backend import TorchBackend
 
 
@@ -40,8 +43,8 @@ class TritonBackend(TorchBackend):
     name = "triton"
     attention_op = staticmethod(shared_prefix_attention)
     head_op = staticmethod(classification_head)
+    elementwise_ops = ElementwiseOps(rotary=rotary, gated=gated_activation, rms_norm=rms_norm)
 
     def __init__(self, model, token_budget: int | None = None):
         check_triton_can_run(model.device)
         super().__init__(model, token_budget)
-        use_kernel_modules(getattr(model, model.base_model_prefix))
