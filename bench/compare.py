@@ -13,8 +13,8 @@ so its peak RSS is its own:
   torch, onnx   darl_infer, the prefix once per query and the items against it
   onnx-int8     opt-in (--rows): the onnx row on a dynamic-int8 export (lossy: Δprob reported, no tolerance)
   torch-compiled  opt-in (--rows): the torch row with compile=True (each decoder layer under torch.compile, inductor)
-  torch-int8    opt-in (--rows): the torch-compiled row with dtype="int8"'s per-token int8 Linear layers, the
-                rest in the table's dtype (lossy; needs AMX-INT8 or AVX-512-VNNI)
+  torch-int8    opt-in (--rows): the torch-compiled row with dtype="int8"'s int8-weight Linear layers, the
+                rest in the table's dtype (lossy)
 Columns: items/s, p50/p95 ms per query, peak RSS, max |Δprob| against the oracle (reference fp32)
 and whether that is within the backend's tolerance, useful GFLOP per item (pairwise rows run the
 prefix for every pair, darl_infer once per query) and the fraction of the machine's measured

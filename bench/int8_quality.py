@@ -1,13 +1,16 @@
 """What int8 in the decoder's Linear layers costs and gains against fp32 (bench/RESULTS.md, "int8").
 
-    python bench/int8_quality.py --compile --out bench/results/int8.md     # dtype="int8" (AMX-INT8 / VNNI CPUs)
+    python bench/int8_quality.py --method weight-only --compile --out bench/results/int8.md  # dtype="int8"
+    python bench/int8_quality.py --compile                                # per-token W8A8 (AMX-INT8 / VNNI CPUs)
     python bench/int8_quality.py --method dynamic                         # torch.ao's, for comparison
 
-Methods: `per-token` (the default), darl_infer's dtype="int8" (darl_infer/backends/int8_linear.py:
-one scale per token, oneDNN int8 matmuls, the rest in the float dtype "auto" picks; set
-DARL_INFER_AUTO_DTYPE=fp32 for fp32 there), optionally with the torch backend's compile=True;
-`dynamic`, torch.ao's dynamic int8 (one activation scale per call) on the fp32 model, not a
-darl_infer dtype (its scores move with the batch).
+Methods (darl_infer/backends/int8_linear.py): `weight-only`, darl_infer's dtype="int8": int8
+weights per output channel dequantized to the float dtype at each call; `per-token` (the default,
+as in the older bench/RESULTS.md commands), W8A8 measured and not shipped: int8 activations, one
+scale per token, smoothed, oneDNN int8 matmuls. Both keep the rest in the float dtype "auto"
+picks (set DARL_INFER_AUTO_DTYPE=fp32 for fp32 there), optionally with the torch backend's
+compile=True. `dynamic`, torch.ao's dynamic int8 (one activation scale per call) on the fp32
+model (its scores move with the batch).
 
 Quality: darl-eval's metrics (training/evaluate.py::report) on the same seeded 1,000-pair dev
 samples and foreign-item draws as the training table, and max |Δprob| of int8 against fp32 over
@@ -46,7 +49,7 @@ def int8_scorer(directory, method: str, compile: bool, only: list[str] | None) -
         scorer = Scorer.from_pretrained(directory, dtype="fp32", backend="torch")
         quantize_decoder_int8(scorer.backend.model)
         return scorer
-    if only is None:
+    if method == "weight-only" and only is None:
         return Scorer.from_pretrained(directory, dtype="int8", **options)
     from darl_infer.checkpoint import CheckpointSpec
     from darl_infer.loading import auto_dtype, load_checkpoint_model
@@ -54,7 +57,11 @@ def int8_scorer(directory, method: str, compile: bool, only: list[str] | None) -
 
     spec = CheckpointSpec.load(directory)
     model, tokenizer = load_checkpoint_model(directory, spec, auto_dtype(torch.device("cpu")), torch.device("cpu"))
-    quantize_int8(model, tokenizer, spec, tuple(only))
+    names = tuple(only) if only else None
+    if method == "weight-only":
+        int8_linear.quantize_decoder_weights(model, names)
+    else:
+        quantize_int8(model, tokenizer, spec, names)
     return Scorer(model, tokenizer, spec, backend="torch", **options)
 
 
@@ -66,9 +73,9 @@ def main() -> None:
     p.add_argument("--items", type=int, default=100)
     p.add_argument("--teacher-cache", default="runs/teacher_cache")
     p.add_argument("--out", default=None)
-    p.add_argument("--method", default="per-token", choices=["per-token", "dynamic"])
-    p.add_argument("--only", nargs="+", help="per-token: int8 in these projections only (e.g. q_proj k_proj v_proj o_proj gate_proj up_proj)")
-    p.add_argument("--compile", action="store_true", help="per-token: the torch backend's compile=True")
+    p.add_argument("--method", default="per-token", choices=["per-token", "weight-only", "dynamic"])
+    p.add_argument("--only", nargs="+", help="per-token, weight-only: int8 in these projections only (e.g. q_proj k_proj v_proj o_proj gate_proj up_proj)")
+    p.add_argument("--compile", action="store_true", help="per-token, weight-only: the torch backend's compile=True")
     p.add_argument("--smoothing-alpha", type=float, default=None,
                    help="per-token: the smoothing exponent a (default: darl_infer's SMOOTHING_ALPHA)")
     args = p.parse_args()
@@ -80,8 +87,8 @@ def main() -> None:
                    {pair for pairs in dev.values() for pair in foreign_pairs(pairs)})
     directory = resolve_checkpoint(args.checkpoint)
     scorers = {"fp32": Scorer.from_pretrained(directory, dtype="fp32"), "int8": int8_scorer(directory, args.method, args.compile, args.only)}
-    float_dtype = scorers["int8"].backend.model.dtype  # per-token: the speed to beat is that dtype without int8
-    if args.method == "per-token" and float_dtype != torch.float32:
+    float_dtype = scorers["int8"].backend.model.dtype  # the speed to beat is that dtype without int8
+    if args.method != "dynamic" and float_dtype != torch.float32:
         scorers["bf16"] = Scorer.from_pretrained(directory, dtype="bf16", **({"compile": True} if args.compile else {}))
     probs = {"fp32": teacher_probs(directory, shown, args.teacher_cache)}
     print(f"scoring {len(shown)} evaluation pairs in int8", flush=True)
@@ -115,9 +122,10 @@ def main() -> None:
               "| dtype | items/s | × fp32 | p50 ms / query | p95 ms / query |", "|---|---:|---:|---:|---:|"]
     for name, r in s.items():
         lines.append(f"| {name} | {r['items_per_s']:.1f} | {r['items_per_s'] / s['fp32']['items_per_s']:.2f} | {r['p50_ms']:.0f} | {r['p95_ms']:.0f} |")
+    smoothing = f", smoothing a = {int8_linear.SMOOTHING_ALPHA}" if args.method == "per-token" else ""
     lines += ["", f"- checkpoint: {args.checkpoint or 'default model'}; int8's float dtype {str(float_dtype).removeprefix('torch.')}"
-                  f", smoothing a = {int8_linear.SMOOTHING_ALPHA}"
-                  f"{', compile=True' if args.compile else ''}; torch {torch.__version__}, quantized engine {torch.backends.quantized.engine}",
+                  f", {args.method}{smoothing}{', compile=True' if args.compile else ''}; torch {torch.__version__}, "
+                  f"quantized engine {torch.backends.quantized.engine}",
               f"- machine: {machine()}", f"- run: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {(time.time() - started) / 60:.1f} min",
               f"- command: `python bench/int8_quality.py {' '.join(sys.argv[1:])}`"]
     table = "\n".join(lines) + "\n"

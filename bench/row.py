@@ -74,10 +74,10 @@ def quantize_decoder_int8(model) -> None:
 
 
 def quantize_int8(model, tokenizer, spec) -> None:
-    """dtype="int8"'s per-token int8 Linear layers, calibrated (darl_infer/backends/int8_linear.py), in place."""
-    from darl_infer.scorer import quantize_int8 as quantize
+    """dtype="int8"'s int8 weights (darl_infer/backends/int8_linear.py), in place."""
+    from darl_infer.backends.int8_linear import quantize_decoder_weights
 
-    quantize(model, tokenizer, spec)
+    quantize_decoder_weights(model)
 
 
 def darl_row(backend: str, prepare=None, **options):

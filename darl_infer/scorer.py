@@ -17,7 +17,7 @@ from .backends.prefix_cache import PrefixLRU
 from .checkpoint import SPEC_FILE, CheckpointSpec, read_spec, resolve_checkpoint
 from .bi_encoder import BiEncoderScorer
 from .cascade import CascadeScorer
-from .backends.int8_linear import check_int8_dot_products, quantize_decoder_linears, record_input_absmax
+from .backends.int8_linear import quantize_decoder_linears, quantize_decoder_weights, record_input_absmax
 from .jsonl import iter_rows
 from .loading import auto_dtype, dtype_name, load_checkpoint_model, resolve_device, resolve_dtype
 from .ranking import Ranker, ScoreResult
@@ -33,18 +33,17 @@ def check_prefix_cache_mb(value, backend: str) -> None:
         )
 
 
-# dtype="int8" smooths each Linear's inputs by their ranges over these pairs (backends/int8_linear.py):
-# 32 hand-written pairs, English and Chinese, products, questions and web queries
+# per-token int8 (W8A8, measured and not shipped: backends/int8_linear.py) smooths each Linear's inputs
+# by their ranges over these pairs: 32 hand-written pairs, English and Chinese, products, questions and web queries
 INT8_CALIBRATION = Path(__file__).parent / "examples" / "int8_calibration.jsonl"
 
 
 def check_int8_request(backend: str, device: torch.device) -> None:
-    """dtype="int8" (backends/int8_linear.py): the torch backend on a CPU with int8 dot products."""
+    """dtype="int8" (backends/int8_linear.py): the torch backend on the CPU."""
     if device.type != "cpu":
         raise ValueError(f"dtype='int8' runs on the CPU; on {device} use dtype='bf16' or 'fp16'")
     if backend not in ("auto", "torch"):
         raise ValueError(f"dtype='int8' runs in the torch backend, not {backend!r}")
-    check_int8_dot_products()
 
 
 class Scorer(Ranker):
@@ -81,8 +80,8 @@ class Scorer(Ranker):
         `item_cache_mb`).
 
         `dtype`: "auto" (bf16 on CUDA and on CPUs with AMX or AVX-512-BF16, else fp32), "fp32",
-        "bf16", "fp16", or "int8" (opt-in, lossy: the decoder's Linear layers in per-token int8 on
-        CPUs with AMX-INT8 or AVX-512-VNNI, the rest as "auto"; backends/int8_linear.py).
+        "bf16", "fp16", or "int8" (opt-in, CPU, lossy: the decoder's Linear layers with int8 weights,
+        dequantized at each call; activations and the rest as "auto"; backends/int8_linear.py).
 
         Every argument and the checkpoint's darl.json are checked before the model is loaded.
         """
@@ -109,7 +108,7 @@ class Scorer(Ranker):
         spec = CheckpointSpec.from_dict(raw, directory / SPEC_FILE)
         model, tokenizer = load_checkpoint_model(directory, spec, resolved_dtype, resolved_device)
         if int8:
-            quantize_int8(model, tokenizer, spec)
+            quantize_decoder_weights(model)
         scorer = cls(model, tokenizer, spec, backend=backend, prefix_cache_mb=prefix_cache_mb, **backend_options)
         if int8:
             scorer.dtype = "int8"
@@ -186,9 +185,10 @@ class Scorer(Ranker):
 
 
 def quantize_int8(model: torch.nn.Module, tokenizer, spec: CheckpointSpec, names: tuple[str, ...] | None = None) -> None:
-    """dtype="int8": the decoder's Linear layers (those named in `names`, if given) in per-token
-    int8, in place, each smoothed by its inputs' ranges while the float model scores the package's
-    calibration pairs (INT8_CALIBRATION) with the checkpoint's template."""
+    """Per-token int8 (W8A8, measured and not shipped; bench/int8_quality.py --method per-token):
+    the decoder's Linear layers (those named in `names`, if given), in place, each
+    smoothed by its inputs' ranges while the float model scores the package's calibration pairs
+    (INT8_CALIBRATION) with the checkpoint's template."""
     pairs = [(row["query"], row["item"]) for _, row in iter_rows(INT8_CALIBRATION)]
     with record_input_absmax(model) as absmax:  # HF's modules as they are: the torch backend's fused
         Scorer(model, tokenizer, spec, backend="reference").predict(pairs)  # projections would pass the hooks

@@ -9,13 +9,11 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from conftest import ragged_items
 from darl_infer import Scorer
 from darl_infer.backends import triton_backend
 from darl_infer.backends.chunking import length_sorted_chunks
-from darl_infer.backends.fused_modules import FusedProjection, activation_of
 from darl_infer.kernels import classification_head, gated_activation, rms_norm, rotary, shared_prefix_attention
 from darl_infer.kernels._triton import HAS_TRITON
 from tiny_models import random_text
@@ -110,33 +108,6 @@ def test_triton_score_many_packs_queries_and_matches_reference(scorers, monkeypa
             assert got.probs.shape == (0, 3)
 
 
-def test_fused_projection_is_its_layers_and_follows_their_parameters():
-    torch.manual_seed(0)
-    owner = torch.nn.Module()
-    owner.first, owner.second = torch.nn.Linear(8, 3), torch.nn.Linear(8, 5)
-    parameters = list(owner.parameters())
-    x = torch.randn(4, 8)
-    expected = owner.first(x), owner.second(x)
-    fused = FusedProjection(owner, "pair", [owner.first, owner.second])
-
-    def through_fused():
-        return F.linear(x, owner.darl_pair_weight, owner.darl_pair_bias).split(owner.darl_pair_sizes, dim=-1)
-
-    for got, want, layer in zip(through_fused(), expected, (owner.first, owner.second)):
-        torch.testing.assert_close(got, want)
-        torch.testing.assert_close(layer(x), want)  # the layers' parameters hold views of the fused ones
-    assert all(a is b for a, b in zip(owner.parameters(), parameters))  # the same objects (an optimizer's)
-    assert set(owner.state_dict()) == {"first.weight", "first.bias", "second.weight", "second.bias"}  # nothing new saved
-    with torch.no_grad():
-        owner.second.weight.mul_(2)  # updated in place, as an optimizer does: the fused weight shares the storage
-    torch.testing.assert_close(through_fused()[1], owner.second(x))
-    owner.first.weight = torch.nn.Parameter(torch.zeros(3, 8))  # replaced: fused again on refresh
-    owner.second.bias.data = torch.ones(5)  # other storage: likewise
-    fused.refresh()
-    torch.testing.assert_close(through_fused()[0], owner.first(x))
-    torch.testing.assert_close(through_fused()[1], owner.second(x))
-
-
 def test_swapped_modules_run_hf_forward_outside_a_pass(scorers, tiny_checkpoints):
     """The model a triton scorer runs still trains: outside darl_infer's passes its modules run HF's
     forward, whose gradients reach every projection (the kernels have no backward)."""
@@ -155,14 +126,6 @@ def test_swapped_modules_run_hf_forward_outside_a_pass(scorers, tiny_checkpoints
     finally:
         model.set_attn_implementation("darl_infer")
         model.zero_grad(set_to_none=True)
-
-
-def test_activation_of_tells_the_activation_by_what_it_computes():
-    from transformers.activations import ACT2FN
-
-    assert activation_of(ACT2FN["silu"]) == "silu"
-    assert activation_of(ACT2FN["gelu_pytorch_tanh"]) == "gelu_tanh"
-    assert activation_of(ACT2FN["gelu"]) is None  # the exact GELU: HF's forward runs
 
 
 def test_threads_sharing_a_triton_scorer_get_the_sequential_results(scorers, rng):

@@ -1,22 +1,22 @@
-"""dtype="int8": the decoder's Linear layers in per-token int8 (W8A8) on oneDNN's int8 matmul; the
-rest of the model (embeddings, norms, attention, the head) in the CPU's float dtype.
+"""dtype="int8": the decoder's Linear layers with int8 weights (weight-only); their activations and
+the rest of the model (embeddings, norms, attention, the head) in the float dtype "auto" picks.
 
-Weights: int8 per output channel, packed once (`onednn.qlinear_prepack`). Activations: int8 per
-token, each row scaled by its own max |x| / 127, so a token's result never depends on the other
-tokens of the call (torch.ao's dynamic int8 takes one scale per call, which moved an item's
-probabilities by up to 0.57 with its batch: bench/RESULTS.md, "int8"). oneDNN is called with an
-activation scale of 1 and each row's scale is applied to the int32-exact product afterwards.
+Weights: int8 per output channel, symmetric (max |w_row| / 127, round to nearest), dequantized to
+the float dtype at each call and multiplied by the float matmul (`WeightOnlyInt8Linear`): the int8
+weights take half bf16's memory, a token's result depends on the other rows only as the float
+matmul's does, and no int8 dot products are needed, so any CPU runs it. On the default model and
+the three dev sets macro-F1 moves by at most +0.004 from fp32 (mean |Δprob| 0.008); ~8 % fewer
+items/s than bf16 on a 2-core AMX Xeon, the dequantization's cost (bench/RESULTS.md, "int8").
 
-Activations are smoothed first (SmoothQuant, Xiao et al. 2023): a few input channels of Gemma's
-Linear layers carry values 5-30x the median channel's, and a token's one scale, set by them, leaves
-the other channels few int8 levels. Input channel j is divided by s_j and the weight's column j
-multiplied by it (the same product), which moves part of the range into the weights; s_j comes
-from each channel's largest |x| over a few calibration pairs (`record_input_absmax`).
-
-Lossy by design: the quality cost on the dev sets is measured by bench/int8_quality.py
-(bench/RESULTS.md). Needs int8 dot products that do not saturate, AMX-INT8 or AVX-512-VNNI: with
-AVX2 only, oneDNN's u8 x s8 path (`vpmaddubsw`) saturates its int16 pair sums and the products
-are off by ~0.09 relative (measured on an AMD EPYC), so other CPUs are refused.
+Also here, measured and not shipped (bench/int8_quality.py --method per-token,
+bench/matmul_shapes.py --dtype int8): W8A8, int8 activations per token on oneDNN's int8 matmul
+(`PerTokenInt8Linear`), each row scaled by its own max |x| / 127 and smoothed first (SmoothQuant,
+Xiao et al. 2023: input channel j divided by s_j and the weight's column j multiplied by it, s_j
+from each channel's largest |x| over a few calibration pairs, `record_input_absmax`). It missed
+macro-F1 within 0.01 of fp32 on two of three dev sets. It needs int8 dot products that do not
+saturate, AMX-INT8 or AVX-512-VNNI: with AVX2 only, oneDNN's u8 x s8 path (`vpmaddubsw`)
+saturates its int16 pair sums and the products are off by ~0.09 relative (measured on an AMD
+EPYC), so other CPUs are refused.
 """
 
 from __future__ import annotations
@@ -34,8 +34,8 @@ INT8_FLAGS = ("amx_int8", "avx512_vnni")
 def check_int8_dot_products() -> None:
     if not set(INT8_FLAGS) & cpu_flags():
         raise ValueError(
-            "dtype='int8' needs a CPU with AMX-INT8 or AVX-512-VNNI (this one has neither, so its int8 "
-            "products would saturate); use dtype='bf16' or 'fp32'"
+            "per-token int8 (W8A8) needs a CPU with AMX-INT8 or AVX-512-VNNI (this one has neither, so its "
+            "int8 products would saturate); dtype='int8' (weight-only) runs without them"
         )
 
 
@@ -100,6 +100,32 @@ class PerTokenInt8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 per token{smoothed}"
 
 
+class WeightOnlyInt8Linear(nn.Module):
+    """An nn.Linear with int8 weights (per output channel, round to nearest) and float activations:
+    the weight is dequantized to the input's dtype at each call and multiplied by the float matmul
+    (bf16 on AMX). Dequantizing costs 20-70 % over bf16's matmul alone at 2,000 tokens, yet this is
+    13-16x as fast as `aten._weight_int8pack_mm` (gpt-fast's CPU int8 kernel, written for decoding's
+    few rows) at the decoder's shapes on a 2-core AMX Xeon. Not smoothed: smoothing moves range from
+    the activations into the weights, the only quantized side here (it raised the weight-only error
+    of 99 of the default model's 126 layers on the calibration pairs)."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.qweight, self.w_scale = quantize_rows(linear.weight.detach().float())
+        self.bias = None if linear.bias is None else linear.bias.detach()  # kept as it is: N values, not worth rounding
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+
+    def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
+        # the int8-rounded weight, rounded once more to `dtype` (as the float model's own weight is)
+        return (self.qweight.float() * self.w_scale).to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x, self.dequantized(x.dtype), self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8 weight only"
+
+
 def decoder_linears(model: nn.Module, names: tuple[str, ...] | None = None):
     """(layer, attribute path, module) of every nn.Linear of the decoder layers (those whose
     attribute name is in `names`, if given); the head is not a decoder layer's."""
@@ -137,9 +163,15 @@ def record_input_absmax(model: nn.Module):
 def quantize_decoder_linears(
     model: nn.Module, input_absmax: dict[nn.Module, torch.Tensor] | None = None, names: tuple[str, ...] | None = None,
 ) -> None:
-    """The decoder layers' nn.Linear (those named in `names`, if given) in per-token int8, in place,
-    each smoothed by its entry in `input_absmax` (`record_input_absmax`) if it has one (the head
-    stays as it is: the fused head reads its weight)."""
+    """The decoder layers' nn.Linear (those named in `names`, if given) in per-token int8 (W8A8, not
+    shipped: see the module's docstring), in place, each smoothed by its entry in `input_absmax`
+    (`record_input_absmax`) if it has one (the head stays as it is: the fused head reads its weight)."""
     check_int8_dot_products()
     absmax = input_absmax or {}
     replace_decoder_linears(model, lambda linear: PerTokenInt8Linear(linear, absmax.get(linear)), names)
+
+
+def quantize_decoder_weights(model: nn.Module, names: tuple[str, ...] | None = None) -> None:
+    """dtype="int8": the decoder layers' nn.Linear (those named in `names`, if given) with int8
+    weights, in place (the head stays as it is: the fused head reads its weight)."""
+    replace_decoder_linears(model, WeightOnlyInt8Linear, names)

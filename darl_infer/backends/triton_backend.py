@@ -48,3 +48,6 @@ class TritonBackend(TorchBackend):
     def __init__(self, model, token_budget: int | None = None):
         check_triton_can_run(model.device)
         super().__init__(model, token_budget)
+
+    def uses_fused_modules(self) -> bool:
+        return True  # the kernels run there (on a CPU only in Triton's interpreter, for the tests)
