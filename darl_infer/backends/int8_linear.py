@@ -5,7 +5,7 @@ Weights: int8 per output channel, symmetric (max |w_row| / 127, round to nearest
 the float dtype at each call and multiplied by the float matmul (`WeightOnlyInt8Linear`): the int8
 weights take half bf16's memory, a token's result depends on the other rows only as the float
 matmul's does, and no int8 dot products are needed, so any CPU runs it. On the default model and
-the three dev sets macro-F1 moves by at most +0.004 from fp32 (mean |Δprob| 0.008); ~8 % fewer
+the three dev sets macro-F1 moves by +0.002 to +0.006 from fp32 (mean |Δprob| 0.008); 8-15 % fewer
 items/s than bf16 on a 2-core AMX Xeon, the dequantization's cost (bench/RESULTS.md, "int8").
 
 Also here, measured and not shipped (bench/int8_quality.py --method per-token,
