@@ -20,7 +20,7 @@ export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
 # -v and a per-test timeout (pytest-timeout and pytest-xdist are on the GPU image): a slow or stuck
 # test is named; compile=True tests are left out (inductor's GPU compile alone would take minutes)
 timeout "${TEST_S:-120}" python3 -m pytest -v -p no:cacheprovider -n 8 --timeout 120 --durations 10 -rfE --tb=short \
-  -k "not compile" tests/test_kernels.py tests/test_triton_backend.py tests/test_sdpa_attention.py \
+  -k "not compile" tests/test_kernels.py tests/test_triton_backend.py tests/test_fused_modules.py tests/test_sdpa_attention.py \
   tests/test_scorer_exactness.py tests/test_threads.py > "$OUT/pytest.log" 2>&1
 echo "pytest exit $?"
 grep -E "FAILED|ERROR|Timeout|passed|failed|s call|s setup" "$OUT/pytest.log" | tail -40
