@@ -60,7 +60,7 @@ def _is_one_of(module: torch.nn.Module | None, classes) -> bool:
 def known_norm(module: torch.nn.Module | None) -> tuple[str, float] | None:
     """(norm variant, eps) if `module` is one of the known RMSNorm classes, else None."""
     for (arch, name), (variant, eps_attr) in KNOWN_NORMS.items():
-        if _is_one_of(module, [(arch, name)]):
+        if type(module) is hf_class(arch, name):  # exact: a subclass may compute something else
             return variant, float(getattr(module, eps_attr))
     return None
 
@@ -90,8 +90,9 @@ class FusedProjection:
     """nn.Linear layers of one input (`owner`'s) as one matmul: their weights (and biases)
     concatenated into non-persistent buffers of `owner`, darl_<name>_weight / _bias (not saved with
     the model), each layer's parameter then holding a view of its rows (the same Parameter object,
-    its `.data` swapped), so the memory is not doubled, the layers compute what they did, and an
-    optimizer or a copy into a parameter updates the fused weight too. A parameter given other
+    its `.data` swapped), so the weights are held once (unless the old ones were memory-mapped from
+    a file, whose pages stay mapped: TorchBackend.uses_fused_modules), the layers compute what they
+    did, and an optimizer or a copy into a parameter updates the fused weight too. A parameter given other
     storage (replaced, `.data` rebound, the model moved) leaves the fused weight stale: `refresh`."""
 
     def __init__(self, owner: torch.nn.Module, name: str, linears: list[torch.nn.Linear]):
