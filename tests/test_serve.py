@@ -531,6 +531,31 @@ def test_darl_infer_has_a_serve_subcommand():
     assert args.func is run and args.port == 9000 and args.max_concurrent_requests == 8 and args.host == "127.0.0.1"
 
 
+def test_warm_up_compiles_so_that_no_request_does(tiny_checkpoints, rng):
+    """`serve` scores one pair with each model before its port opens: with --compile, the decoder
+    layers compile there, and requests of every size after it compile nothing more; their scores
+    are the scorer's own, and the warm-up is not counted as a prefix-cache hit."""
+    from torch._dynamo.utils import counters
+
+    from darl_infer.serve.cli import warm_up
+
+    torch._dynamo.reset()  # graphs compiled by earlier tests would be reused and not counted
+    counters.clear()
+    compiled = Scorer.from_pretrained(tiny_checkpoints["gemma3"], backend="torch", dtype="fp32", compile=True, prefix_cache_mb=1)
+    assert warm_up(compiled, None) > 0
+    compiled_by_warm_up = counters["stats"]["unique_graphs"]
+    assert compiled_by_warm_up >= 1, dict(counters["stats"])
+    app = create_app(compiled, Limits(prefix_cache_mb=1))
+    small = {"query": "w1", "texts": ["w2"]}
+    large = {"query": "w3 w4 w5", "texts": ragged_items(rng, 40)}
+    responses = call(app, ("/rerank", small), ("/rerank", large), ("/rerank", large))
+    assert [r.status_code for r in responses] == [200, 200, 200]
+    assert counters["stats"]["unique_graphs"] == compiled_by_warm_up, dict(counters["stats"])
+    expected = compiled.score(large["query"], large["texts"]).scores / 2  # TEI's score: grade value over the top one
+    np.testing.assert_allclose([r["score"] for r in sorted(responses[1].json(), key=lambda r: r["index"])], expected, atol=1e-5)
+    assert metric(app, "darl_prefix_cache_hits_total", kind="lru") == 1  # the third request's, not the warm-up's
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -563,6 +588,7 @@ def test_real_server_cohere_client_then_sigterm(tiny_checkpoints, scorer, rng, t
     )
     try:
         wait_until_healthy(url, proc)
+        assert "warmed up in" in (tmp_path / "server.log").read_text()  # before the port opened
         items = ragged_items(rng, 10)
         client = cohere.ClientV2(base_url=url, api_key="x")
         ranked = scorer.rank("w1 w2", items, top_k=4)

@@ -11,6 +11,7 @@ import dataclasses
 import gc
 import logging
 import signal
+import time
 from pathlib import Path
 
 import torch
@@ -76,6 +77,18 @@ def load_models(args: argparse.Namespace, limits: Limits):
     return scorers[0], (scorers[1] if args.cascade is not None else None), sum(kinds)
 
 
+def warm_up(*scorers) -> float:
+    """Score one pair with each loaded scorer (None: none) before the port opens, so that no
+    client's request waits for what a first call does once: with --compile, compiling the decoder
+    layers (seconds to minutes; no later request compiles again, tests/test_serve.py). Returns the
+    seconds it took."""
+    start = time.perf_counter()
+    for scorer in scorers:
+        if scorer is not None:
+            scorer.score("warm-up", ["warm-up"])
+    return time.perf_counter() - start
+
+
 def runs_on_cuda(scorer) -> bool:
     """Whether the scorer's model runs on a CUDA device (its backend's `device`)."""
     device = getattr(getattr(scorer, "backend", None), "device", None)
@@ -105,6 +118,9 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, OSError) as e:
         raise SystemExit(f"darl-infer serve: {e}") from None
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log = logging.getLogger("darl_infer.serve")
+    log.info("warming up%s", " (compiling the decoder layers)" if args.compile else "")
+    log.info("warmed up in %.1f s", warm_up(scorer, coarse))
     checkpoint = str(args.checkpoint or "default")
     info = {"checkpoint": checkpoint, "backend": args.backend, "dtype": scorer.dtype}  # what "auto" chose
     if bi_encoders:  # its LRU holds item vectors: the prefix-cache counters of /metrics count those hits
