@@ -38,8 +38,10 @@ def shared_prefix_attention_sdpa(
     N, L = slot.shape
     rows = slot.reshape(-1)  # index_select on flat rows: several times faster than q[slot] on the CPU
     # the G query heads of a KV head folded into the query rows (row g * L + l): one attention
-    # problem per (item, KV head) instead of G small ones over the same keys
-    qi = q.index_select(0, rows).view(N, L, Hkv, G, D).permute(0, 2, 3, 1, 4).reshape(N, Hkv, G * L, D)
+    # problem per (item, KV head) instead of G small ones over the same keys. q's rows gathered
+    # straight into that order, one copy (q as the model gives it, (T, H, D), is a free (T * H, D) view)
+    heads = torch.arange(H, device=q.device).view(Hkv, G, 1)
+    qi = q.reshape(T * H, D).index_select(0, (slot[:, None, None, :] * H + heads).reshape(-1)).view(N, Hkv, G * L, D)
     ki = k.index_select(0, rows).view(N, L, Hkv, D).transpose(1, 2)  # (N, Hkv, L, D)
     vi = v.index_select(0, rows).view(N, L, Hkv, D).transpose(1, 2)
     if P:
@@ -51,5 +53,7 @@ def shared_prefix_attention_sdpa(
     if sliding_window is not None:
         visible &= key_pos > query_pos - sliding_window
     out = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=visible.repeat(G, 1), scale=scale)  # (N, Hkv, G * L, D)
-    out = out.view(N, Hkv, G, L, D).permute(0, 3, 1, 2, 4).reshape(N * L, H, D)
-    return out.index_select(0, real.reshape(-1).nonzero().squeeze(1))  # (T, H, D): the real rows, in order
+    # back to (T, H, D), the real rows only, in one gather: token (n, l), head h is row n*H*L + h*L + l
+    token_rows = (torch.arange(N, device=q.device)[:, None] * (H * L) + torch.arange(L, device=q.device))[real]
+    gather = (token_rows[:, None] + torch.arange(H, device=q.device) * L).reshape(-1)
+    return out.reshape(N * H * L, D).index_select(0, gather).view(T, H, D)
