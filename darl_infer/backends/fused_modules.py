@@ -53,7 +53,7 @@ def hf_class(arch: str, name: str) -> type:
     return getattr(importlib.import_module(f"transformers.models.{arch}.modeling_{arch}"), name)
 
 
-def _is_one_of(module: torch.nn.Module | None, classes) -> bool:
+def is_one_of(module: torch.nn.Module | None, classes) -> bool:
     return any(type(module) is hf_class(arch, name) for arch, name in classes)  # exact: a subclass may differ
 
 
@@ -135,19 +135,19 @@ def use_fused_modules(decoder: torch.nn.Module, ops: ElementwiseOps) -> list[Fus
             if ops.rms_norm is not None:
                 module.darl_rms_norm, (module.darl_norm_variant, module.darl_norm_eps) = ops.rms_norm, norm
                 module.forward = types.MethodType(_norm_forward, module)
-        elif _is_one_of(module, KNOWN_ATTENTION) and _head_norms_known(module) and _plain(module.q_proj, module.k_proj, module.v_proj):
+        elif is_one_of(module, KNOWN_ATTENTION) and _head_norms_known(module) and plain_linears(module.q_proj, module.k_proj, module.v_proj):
             fused.append(FusedProjection(module, "qkv", [module.q_proj, module.k_proj, module.v_proj]))
             module.darl_rotary = ops.rotary
             module.darl_head_norm = known_norm(getattr(module, "q_norm", None))  # k's is alike (_head_norms_known)
             module.forward = types.MethodType(_fused_attention, module)
-        elif _is_one_of(module, KNOWN_MLP) and _plain(module.gate_proj, module.up_proj) and (activation := activation_of(module.act_fn)) is not None:
+        elif is_one_of(module, KNOWN_MLP) and plain_linears(module.gate_proj, module.up_proj) and (activation := activation_of(module.act_fn)) is not None:
             fused.append(FusedProjection(module, "gate_up", [module.gate_proj, module.up_proj]))
             module.darl_gated, module.darl_activation = ops.gated, activation
             module.forward = types.MethodType(_fused_mlp, module)
     return fused
 
 
-def _plain(*linears: torch.nn.Module) -> bool:
+def plain_linears(*linears: torch.nn.Module) -> bool:
     """nn.Linear itself: not dtype="int8"'s quantized layers (int8_linear.py), nor a LoRA wrapper."""
     return all(type(linear) is torch.nn.Linear for linear in linears)
 

@@ -24,6 +24,7 @@ from .sdpa_attention import shared_prefix_attention_sdpa
 from .chunking import length_sorted_chunks, prefix_rounds
 from .compiled_layers import compile_decoder_layers, gated_activation_for_inductor
 from .fused_modules import KNOWN_NORMS, ElementwiseOps, known_norm, use_fused_modules
+from .onednn_mlp import use_onednn_mlps
 from .prefix_cache import PrefixLRU
 from .prefix_runner import PrefixKV, PrefixRunner
 from .turns import TakingTurns
@@ -81,6 +82,8 @@ class TorchBackend:
             self.fused_projections = use_fused_modules(
                 decoder, dataclasses.replace(ops, gated=gated_activation_for_inductor) if compile else ops
             )
+        elif self.device.type == "cpu":
+            use_onednn_mlps(decoder)
         if compile:
             compile_decoder_layers(decoder)
         self.turns = TakingTurns()
