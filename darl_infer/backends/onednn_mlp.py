@@ -9,7 +9,9 @@ module, bf16 closer to the fp32 result than HF's own bf16 module (tests/test_one
 weights are the module's own (no copy): `torch.ops.mkldnn._linear_pointwise` takes them dense.
 
 Measured on a 2-core AMX Xeon (bench/RESULTS.md, issue 16): the MLP of one layer at 2,500 tokens
-fp32 69.7 -> 56.2 ms, bf16 14.8 -> 9.1 ms; a 100-item query -10 % (fp32) and -13 % (bf16) eager.
+alone fp32 69.7 -> 57.9 ms, bf16 14.8 -> 9.0 ms; in the model, 100-item queries, alternating rounds
+in one process: bf16 eager 785 -> 717 ms (median), compiled 584 -> 576; fp32 eager the MLPs 1,292 ->
+1,213 ms of a ~2,300 ms query.
 
 Swapped once when the torch backend is built on a CPU, as fused_modules.py swaps its modules:
 within the torch backend's forward passes only (elsewhere, training the model or exporting it to
