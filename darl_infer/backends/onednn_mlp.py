@@ -11,7 +11,9 @@ weights are the module's own (no copy): `torch.ops.mkldnn._linear_pointwise` tak
 Measured on a 2-core AMX Xeon (bench/RESULTS.md, issue 16): the MLP of one layer at 2,500 tokens
 alone fp32 69.7 -> 57.9 ms, bf16 14.8 -> 9.0 ms; in the model, 100-item queries, alternating rounds
 in one process: bf16 eager 785 -> 717 ms (median), compiled 584 -> 576; fp32 eager the MLPs 1,292 ->
-1,213 ms of a ~2,300 ms query.
+1,213 ms of a ~2,300 ms query, the query itself within the noise. So it is used for bf16 only, where
+the CPU runs bf16 natively (AVX-512-BF16 or AMX): fp32 gains too little to risk CPUs it was not
+measured on (oneDNN's fp32 matmul instead of MKL's on an AMD EPYC, say).
 
 Swapped once when the torch backend is built on a CPU, as fused_modules.py swaps its modules:
 within the torch backend's forward passes only (elsewhere, training the model or exporting it to
@@ -32,22 +34,19 @@ from .prefix_runner import ItemsPass, JointPass, PrefixPass
 POST_OPS = {"gelu_tanh": ("gelu", "tanh"), "silu": ("swish", "")}
 
 
-def onednn_runs(dtype: torch.dtype) -> bool:
-    """Whether this CPU's oneDNN runs the op in `dtype` (bf16 and fp16 need AVX-512 or AMX; on an
-    AVX2-only CPU PyTorch's own kernels run those dtypes and the op would raise)."""
-    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
-        return False
-    if dtype == torch.bfloat16:
-        return torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    if dtype == torch.float16:
-        return torch.ops.mkldnn._is_mkldnn_fp16_supported()
-    return dtype == torch.float32
+def onednn_available() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def used_for(dtype: torch.dtype) -> bool:
+    """bf16 on a CPU that oneDNN runs it natively on (on an AVX2-only CPU the op would raise)."""
+    return dtype == torch.bfloat16 and onednn_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 def use_onednn_mlps(decoder: torch.nn.Module) -> int:
     """Swap the forward of every known gated MLP of `decoder` with plain, bias-free linears and a
-    known activation, if oneDNN runs its dtype here; returns how many were swapped."""
-    if not onednn_runs(next(decoder.parameters()).dtype):
+    known activation, if `used_for` its dtype; returns how many were swapped."""
+    if not used_for(next(decoder.parameters()).dtype):
         return 0
     swapped = 0
     for module in decoder.modules():
