@@ -8,12 +8,14 @@ fp32 accumulators instead of rounding each step to the model's dtype: fp32 withi
 module, bf16 closer to the fp32 result than HF's own bf16 module (tests/test_onednn_mlp.py). The
 weights are the module's own (no copy): `torch.ops.mkldnn._linear_pointwise` takes them dense.
 
-Measured on a 2-core AMX Xeon (bench/RESULTS.md, issue 16): the MLP of one layer at 2,500 tokens
-alone fp32 69.7 -> 57.9 ms, bf16 14.8 -> 9.0 ms; in the model, 100-item queries, alternating rounds
-in one process: bf16 eager 785 -> 717 ms (median), compiled 584 -> 576; fp32 eager the MLPs 1,292 ->
-1,213 ms of a ~2,300 ms query, the query itself within the noise. So it is used for bf16 only, where
-the CPU runs bf16 natively (AVX-512-BF16 or AMX): fp32 gains too little to risk CPUs it was not
-measured on (oneDNN's fp32 matmul instead of MKL's on an AMD EPYC, say).
+Measured on a 2-core AMX Xeon (`python bench/mlp_post_ops.py --dtype bf16 --deviation [--compile]`,
+bench/RESULTS.md, issue 16): one layer's MLP at 2,500 tokens 13.7 -> 9.3 ms; 100-item queries,
+alternating rounds in one process, 823 -> 752 ms (median; compiled 561 -> 550); over 300 real items
+against the fp32 reference, max |Δprob| 0.043 -> 0.026, items past 2e-2 14 -> 10. In fp32
+(`--dtype fp32`) the MLP alone 55.4 -> 53.5 ms and a query within the noise (median 2,316 -> 2,295
+ms), so it is used for bf16 only, where the CPU runs bf16 natively (AVX-512-BF16 or
+AMX): too little to risk CPUs it was not measured on (oneDNN's fp32 matmul instead of MKL's on an
+AMD EPYC, say).
 
 Swapped once when the torch backend is built on a CPU, as fused_modules.py swaps its modules:
 within the torch backend's forward passes only (elsewhere, training the model or exporting it to
@@ -57,12 +59,12 @@ def use_onednn_mlps(decoder: torch.nn.Module) -> int:
             and (activation := activation_of(module.act_fn)) is not None
         ):
             module.darl_post_op = POST_OPS[activation]
-            module.forward = types.MethodType(_onednn_mlp, module)
+            module.forward = types.MethodType(onednn_mlp_forward, module)
             swapped += 1
     return swapped
 
 
-def _onednn_mlp(self: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+def onednn_mlp_forward(self: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     rows = x.reshape(-1, x.shape[-1])
     # is_compiling first: dynamo cannot trace the context variable that current() reads (and a
     # compiled layer runs only within a pass: its attention op needs one)
