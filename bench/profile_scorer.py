@@ -22,7 +22,10 @@ from darl_infer.template import Template
 from workload import build_cases
 
 # a compiled layer's matrix multiplies are these same aten ops, called from its graph
-MATMUL_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_scaled_dot_product_flash_attention_for_cpu"}
+MATMUL_OPS = {
+    "aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_scaled_dot_product_flash_attention_for_cpu",
+    "mkldnn::_linear_pointwise",  # the MLP's matmuls with their post-ops (onednn_mlp.py)
+}
 
 
 def main() -> None:
