@@ -41,16 +41,16 @@ def onednn_available() -> bool:
 
 
 def used_for(dtype: torch.dtype) -> bool:
-    """bf16 on a CPU that oneDNN runs it natively on (on an AVX2-only CPU the op would raise)."""
+    """bf16 on a CPU that oneDNN runs it natively on (elsewhere PyTorch's own kernels run bf16 and
+    oneDNN's bf16 ops refuse to)."""
     return dtype == torch.bfloat16 and onednn_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
-def use_onednn_mlps(decoder: torch.nn.Module) -> int:
+def use_onednn_mlps(decoder: torch.nn.Module) -> None:
     """Swap the forward of every known gated MLP of `decoder` with plain, bias-free linears and a
-    known activation, if `used_for` its dtype; returns how many were swapped."""
+    known activation, if `used_for` its dtype."""
     if not used_for(next(decoder.parameters()).dtype):
-        return 0
-    swapped = 0
+        return
     for module in decoder.modules():
         if (
             is_one_of(module, KNOWN_MLP)
@@ -60,8 +60,6 @@ def use_onednn_mlps(decoder: torch.nn.Module) -> int:
         ):
             module.darl_post_op = POST_OPS[activation]
             module.forward = types.MethodType(onednn_mlp_forward, module)
-            swapped += 1
-    return swapped
 
 
 def onednn_mlp_forward(self: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -6,6 +6,9 @@ fit the token budget; its queries' items run packed together in length-sorted ch
 budget, each item attending only to its own query's prefix K/V (prefix_runner.ItemsPass); the
 round's prefixes not found in the LRU of recent prefixes run packed in the same forward pass as
 its first chunk (prefix_runner.JointPass), one pass fewer than running them first.
+
+HF's modules run the layers, with the attention swapped (attention_hook.py); on a GPU the fused
+modules (fused_modules.py), on a CPU in bf16 the gated MLPs with oneDNN's post-ops (onednn_mlp.py).
 """
 
 from __future__ import annotations
