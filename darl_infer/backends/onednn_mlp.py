@@ -24,6 +24,7 @@ ONNX say, HF's forward runs); in a compiled layer (compile=True) as an opaque cu
 
 from __future__ import annotations
 
+import platform
 import types
 
 import torch
@@ -41,9 +42,12 @@ def onednn_available() -> bool:
 
 
 def used_for(dtype: torch.dtype) -> bool:
-    """bf16 on a CPU that oneDNN runs it natively on (elsewhere PyTorch's own kernels run bf16 and
-    oneDNN's bf16 ops refuse to)."""
-    return dtype == torch.bfloat16 and onednn_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    """bf16 on an x86 CPU that oneDNN runs it natively on (elsewhere PyTorch's own kernels run bf16
+    and oneDNN's bf16 ops refuse to; ARM's oneDNN was not measured)."""
+    return (
+        dtype == torch.bfloat16 and platform.machine() in ("x86_64", "AMD64") and onednn_available()
+        and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    )
 
 
 def use_onednn_mlps(decoder: torch.nn.Module) -> None:
