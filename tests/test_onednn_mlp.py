@@ -3,6 +3,8 @@ gated MLP as oneDNN matmuls with the activation and the gating as post-ops. Chec
 module (same weights, same input) and, through the Scorer, against the reference backend."""
 
 import random
+import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -94,3 +96,22 @@ def test_compiled_layers_call_it_as_one_opaque_op_without_a_graph_break(monkeypa
     assert not counters["graph_break"], dict(counters["graph_break"])
     assert len(calls) >= len(_mlps(scorer))  # the compiled graphs call the op
     assert np.abs(got.probs - reference.probs).max() <= 2e-2
+
+
+@bf16_natively
+def test_threads_sharing_a_bf16_scorer_get_the_sequential_results(tiny_checkpoints):
+    """The op is called from whichever thread's pass holds the model (turns.py): shared weights,
+    nothing per call kept, so each call gives exactly what it gives alone."""
+    before = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)  # calls interleave inside each forward pass
+    try:
+        scorer = Scorer.from_pretrained(tiny_checkpoints["gemma3"], backend="torch", dtype="bf16", token_budget=48)
+        rng = random.Random("onednn-threads")
+        jobs = [(random_text(rng, rng.randint(1, 8)), ragged_items(rng, rng.randint(1, 10), max_tokens=24)) for _ in range(16)]
+        sequential = [scorer.score(query, items).probs for query, items in jobs]
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            threaded = list(pool.map(lambda job: scorer.score(*job).probs, jobs))
+    finally:
+        sys.setswitchinterval(before)
+    for n, (got, want) in enumerate(zip(threaded, sequential)):
+        assert np.array_equal(got, want), f"job {n}: max |Δprob| {np.abs(got - want).max():.3g} under threads"
