@@ -69,15 +69,16 @@ def use_onednn_mlps(decoder: torch.nn.Module) -> None:
 
 
 def onednn_mlp_forward(self: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    rows = x.reshape(-1, x.shape[-1])
     # is_compiling first: dynamo cannot trace the context variable that current() reads (and a
     # compiled layer runs only within a pass: its attention op needs one)
-    if torch.compiler.is_compiling():
-        gated = gated_product_op(rows, self.gate_proj.weight, self.up_proj.weight, *self.darl_post_op)
-    elif isinstance(current(), (PrefixPass, ItemsPass, JointPass)):
-        gated = gated_product(rows, self.gate_proj.weight, self.up_proj.weight, self.darl_post_op)
-    else:
+    compiling = torch.compiler.is_compiling()
+    if not compiling and not isinstance(current(), (PrefixPass, ItemsPass, JointPass)):
         return type(self).forward(self, x)
+    rows = x.reshape(-1, x.shape[-1])  # oneDNN's linear takes 2-D input
+    if compiling:
+        gated = gated_product_op(rows, self.gate_proj.weight, self.up_proj.weight, *self.darl_post_op)
+    else:
+        gated = gated_product(rows, self.gate_proj.weight, self.up_proj.weight, self.darl_post_op)
     return self.down_proj(gated).view(*x.shape[:-1], -1)
 
 
