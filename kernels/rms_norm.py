@@ -77,3 +77,17 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, norm_variant: st
                 D=D, GEMMA_NORM=norm_variant == "gemma", BLOCK_R=block_r, BLOCK_D=block_d,
             )
     return out.view(x.shape)
+
+
+# --- C++ kernel (CPU) ----------------------------------------------------------------------------
+# kernels/rms_norm_cpu.cpp: each row read once, normalised in fp32 while in cache, written once
+
+
+def rms_norm_cpu(x: torch.Tensor, weight: torch.Tensor, eps: float, norm_variant: str) -> torch.Tensor:
+    """The C++ kernel (kernels/cpu_extension.py must have built it: `cpu_ops()` not None); same
+    arguments and result as `rms_norm_reference`. It takes fp32 or bf16 x and a weight of x's dtype
+    (as every norm of an fp32 or bf16 model has); other inputs get the reference."""
+    check_variant(norm_variant)
+    if x.dtype not in (torch.float32, torch.bfloat16) or weight.dtype != x.dtype:
+        return rms_norm_reference(x, weight, eps, norm_variant)
+    return torch.ops.darl_infer_cpu.rms_norm(x, weight, eps, norm_variant == "gemma")

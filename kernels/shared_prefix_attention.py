@@ -277,3 +277,23 @@ def shared_prefix_attention(
             DOT_IN_FP32=INTERPRETED and q.dtype == torch.bfloat16,
         )
     return out
+
+
+# --- C++ kernel (CPU) ----------------------------------------------------------------------------
+# kernels/shared_prefix_attention_cpu.cpp: blocks of whole items, four MKL matmuls per block and KV
+# head around one softmax pass; the prefix K/V read in place, no padding, no gathers
+
+
+def shared_prefix_attention_cpu(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    prefix_k: torch.Tensor,
+    prefix_v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    scale: float,
+    sliding_window: int | None = None,
+) -> torch.Tensor:
+    """The C++ kernel (kernels/cpu_extension.py must have built it: `has("shared_prefix_attention")`);
+    same arguments and result as `shared_prefix_attention_reference`, fp32 or bf16 inputs."""
+    return torch.ops.darl_infer_cpu.shared_prefix_attention(q, k, v, prefix_k, prefix_v, cu_seqlens, scale, sliding_window or 0)

@@ -129,13 +129,11 @@ class FusedProjection:
 def use_fused_modules(decoder: torch.nn.Module, ops: ElementwiseOps) -> list[FusedProjection]:
     """Swap the forward of every known module of `decoder` (see the module's docstring); returns the
     fused projections, for the backend to `refresh` before each call."""
+    if ops.rms_norm is not None:
+        use_norm_op(decoder, ops.rms_norm)
     fused = []
     for module in decoder.modules():
-        if (norm := known_norm(module)) is not None:
-            if ops.rms_norm is not None:
-                module.darl_rms_norm, (module.darl_norm_variant, module.darl_norm_eps) = ops.rms_norm, norm
-                module.forward = types.MethodType(_norm_forward, module)
-        elif is_one_of(module, KNOWN_ATTENTION) and _head_norms_known(module) and plain_linears(module.q_proj, module.k_proj, module.v_proj):
+        if is_one_of(module, KNOWN_ATTENTION) and _head_norms_known(module) and plain_linears(module.q_proj, module.k_proj, module.v_proj):
             fused.append(FusedProjection(module, "qkv", [module.q_proj, module.k_proj, module.v_proj]))
             module.darl_rotary = ops.rotary
             module.darl_head_norm = known_norm(getattr(module, "q_norm", None))  # k's is alike (_head_norms_known)
@@ -145,6 +143,15 @@ def use_fused_modules(decoder: torch.nn.Module, ops: ElementwiseOps) -> list[Fus
             module.darl_gated, module.darl_activation = ops.gated, activation
             module.forward = types.MethodType(_fused_mlp, module)
     return fused
+
+
+def use_norm_op(decoder: torch.nn.Module, rms_norm: Callable) -> None:
+    """Swap the forward of every known RMSNorm of `decoder` for `rms_norm` (kernels/rms_norm.py's
+    signature), within darl_infer's passes."""
+    for module in decoder.modules():
+        if (norm := known_norm(module)) is not None:
+            module.darl_rms_norm, (module.darl_norm_variant, module.darl_norm_eps) = rms_norm, norm
+            module.forward = types.MethodType(_norm_forward, module)
 
 
 def plain_linears(*linears: torch.nn.Module) -> bool:

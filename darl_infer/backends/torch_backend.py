@@ -8,7 +8,8 @@ round's prefixes not found in the LRU of recent prefixes run packed in the same 
 its first chunk (prefix_runner.JointPass), one pass fewer than running them first.
 
 HF's modules run the layers, with the attention swapped (attention_hook.py); on a GPU the fused
-modules (fused_modules.py), on a CPU in bf16 the gated MLPs with oneDNN's post-ops (onednn_mlp.py).
+modules (fused_modules.py); on a CPU the norms by a C++ kernel (kernels/rms_norm_cpu.cpp, eager
+only) and, in bf16, the gated MLPs with oneDNN's post-ops (onednn_mlp.py).
 """
 
 from __future__ import annotations
@@ -19,14 +20,17 @@ from itertools import accumulate
 import torch
 
 from darl_infer.kernels.classification_head import classification_head_reference
+from darl_infer.kernels.cpu_extension import cpu_ops, has
 from darl_infer.kernels.gated_activation import gated_activation_reference
+from darl_infer.kernels.rms_norm import rms_norm_cpu
 from darl_infer.kernels.rotary import rotary_reference
+from darl_infer.kernels.shared_prefix_attention import shared_prefix_attention_cpu
 
 from ..template import Encoded
 from .sdpa_attention import shared_prefix_attention_sdpa
 from .chunking import length_sorted_chunks, prefix_rounds
 from .compiled_layers import compile_decoder_layers, gated_activation_for_inductor
-from .fused_modules import KNOWN_NORMS, ElementwiseOps, known_norm, use_fused_modules
+from .fused_modules import KNOWN_NORMS, ElementwiseOps, known_norm, use_fused_modules, use_norm_op
 from .onednn_mlp import use_onednn_mlps
 from .prefix_cache import PrefixLRU
 from .prefix_runner import PrefixKV, PrefixRunner
@@ -56,7 +60,9 @@ DEFAULT_TOKEN_BUDGET = {"cpu": 2048, "cuda": 65536}
 class TorchBackend:
     name = "torch"
     # PyTorch's fused SDPA: the reference's math (tests/test_sdpa_attention.py) without its
-    # separate scale / mask / softmax passes and fp32 round trips (bench/RESULTS.md, issue 16)
+    # separate scale / mask / softmax passes and fp32 round trips (bench/RESULTS.md, issue 16). On a
+    # CPU in fp32 the C++ kernel (kernels/shared_prefix_attention_cpu.cpp): one layer's attention
+    # 12.7 -> 8.7 ms, a 100-item query -4 %; in bf16 no faster than SDPA's (bench/cpu_kernels.py)
     attention_op = staticmethod(shared_prefix_attention_sdpa)
     head_op = staticmethod(classification_head_reference)
     # between the matmuls of the fused q/k/v and gate/up projections (fused_modules.py); HF's norms
@@ -87,6 +93,10 @@ class TorchBackend:
             )
         elif self.device.type == "cpu":
             use_onednn_mlps(decoder)
+            if not compile and cpu_ops() is not None:  # compiled layers fuse the norms themselves
+                use_norm_op(decoder, rms_norm_cpu)
+            if model.dtype == torch.float32 and has("shared_prefix_attention"):
+                self.attention_op = shared_prefix_attention_cpu
         if compile:
             compile_decoder_layers(decoder)
         self.turns = TakingTurns()

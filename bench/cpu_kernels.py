@@ -1,0 +1,127 @@
+"""The C++ RMSNorm (kernels/rms_norm_cpu.cpp, the torch backend's norms on a CPU) against HF's modules.
+
+    python bench/cpu_norms.py --dtype bf16 --rounds 5 [--deviation]
+
+1. The default model's norms alone at --tokens rows (the layer norm on (tokens, 640), the per-head
+   q and k norms on (tokens, 4, 256) and (tokens, 1, 256)): HF's module, then the kernel.
+2. The torch backend (eager) on the bench workload (3 queries x --items items, 64-token
+   instruction), the two norms swapped in and out in alternating rounds in one process (the
+   machine's drift hits both): ms per query, min and median.
+3. --deviation: each item's max |Δprob| against the fp32 reference backend (every pair alone), for
+   both: max, mean, and how many items are past the dtype's tolerance (fp32 1e-5, bf16 2e-2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import time
+import types
+
+import numpy as np
+import torch
+
+from darl_infer import Scorer
+from darl_infer.backends.attention_hook import active
+from darl_infer.backends.fused_modules import known_norm
+from darl_infer.backends.prefix_runner import PrefixPass
+from darl_infer.backends.sdpa_attention import shared_prefix_attention_sdpa
+from darl_infer.checkpoint import CheckpointSpec, resolve_checkpoint
+from darl_infer.kernels.shared_prefix_attention import shared_prefix_attention_cpu
+from darl_infer.loading import load_checkpoint_model
+from darl_infer.template import Template
+
+from mlp_post_ops import DTYPES, best_ms
+from workload import build_cases
+
+TOLERANCE = {"fp32": 1e-5, "bf16": 2e-2}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--kernel", default="norms", choices=["norms", "attention"])
+    ap.add_argument("--dtype", default="bf16", choices=list(DTYPES))
+    ap.add_argument("--tokens", type=int, default=2500, help="rows of the op alone")
+    ap.add_argument("--items", type=int, default=100)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--compile", action="store_true", help="compiled layers (attention only)")
+    ap.add_argument("--deviation", action="store_true")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    dtype = DTYPES[args.dtype]
+
+    checkpoint = resolve_checkpoint(None)
+    spec = CheckpointSpec.load(checkpoint)
+    model, tokenizer = load_checkpoint_model(checkpoint, spec, dtype, torch.device("cpu"))
+    [case], _ = build_cases(checkpoint, tokenizer, [64], 3, args.items)
+    spec = dataclasses.replace(spec, template=Template.from_dict(case.template))
+    scorer = Scorer(model, tokenizer, spec, backend="torch", **({"compile": True} if args.compile else {}))
+    if args.kernel == "norms":
+        norms = [m for m in model.modules() if known_norm(m) is not None]
+        if not all("darl_rms_norm" in vars(m) for m in norms):
+            raise SystemExit("the torch backend did not swap the norms (compile=True, or CPU kernels disabled or not built?)")
+        variants = {"hf": [types.MethodType(type(m).forward, m) for m in norms], "c++": [m.forward for m in norms]}
+
+        def use(name: str) -> None:
+            for norm, forward in zip(norms, variants[name]):
+                norm.forward = forward
+
+        layer = model.model.layers[0]
+        attention = layer.self_attn
+        shapes = {
+            "layer norm": (layer.input_layernorm, (1, args.tokens, model.config.hidden_size)),
+            "q norm": (attention.q_norm, (1, args.tokens, model.config.num_attention_heads, attention.head_dim)),
+            "k norm": (attention.k_norm, (1, args.tokens, model.config.num_key_value_heads, attention.head_dim)),
+        }
+        with torch.inference_mode(), active(PrefixPass([args.tokens], scorer.backend.attention_op)):
+            for label, (norm, shape) in shapes.items():
+                x = torch.randn(shape).to(dtype)
+                for name in variants:
+                    use(name)
+                    print(f"{label} alone, {tuple(shape)}, {args.dtype}: {name} {best_ms(lambda: norm(x)) * 1000:.0f} us")
+    else:
+        runner = scorer.backend.runner
+        if runner.attention_op is not shared_prefix_attention_cpu:
+            raise SystemExit("the torch backend does not use the C++ attention (CPU kernels disabled or not built?)")
+        variants = {"sdpa": shared_prefix_attention_sdpa, "c++": shared_prefix_attention_cpu}
+
+        def use(name: str) -> None:
+            runner.attention_op = variants[name]
+
+        config, g = model.config, torch.Generator().manual_seed(0)
+        lengths = torch.randint(10, 36, (args.items,), generator=g)
+        cu = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
+        T, H, Hkv, D = int(cu[-1]), config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        q = torch.randn(T, H, D, generator=g).to(dtype)
+        k, v, prefix_k, prefix_v = (torch.randn(n, Hkv, D, generator=g).to(dtype) for n in (T, T, 80, 80))
+        for name, op in variants.items():
+            ms = best_ms(lambda: op(q, k, v, prefix_k, prefix_v, cu, D ** -0.5))
+            print(f"one layer's attention alone, {args.items} items, {T} tokens, 80-token prefix, {args.dtype}: {name} {ms:.2f} ms")
+
+    queries = case.queries
+    times = {name: [] for name in variants}
+    for round_ in range(args.rounds + 1):  # round 0 warms up (and compiles)
+        for name in variants:
+            use(name)
+            start = time.perf_counter()
+            for q in queries:
+                scorer.score(q["query"], q["items"])
+            if round_:
+                times[name].append(1000 * (time.perf_counter() - start) / len(queries))
+    for name, ms in times.items():
+        print(f"model, {args.dtype}{' compiled' if args.compile else ''}: {name} min {min(ms):.0f} median {np.median(ms):.0f} ms/query (rounds: {' '.join(f'{t:.0f}' for t in ms)})")
+
+    if args.deviation:
+        fp32_model, _ = load_checkpoint_model(checkpoint, CheckpointSpec.load(checkpoint), torch.float32, torch.device("cpu"))
+        reference = Scorer(fp32_model, tokenizer, spec, backend="reference")
+        oracle = [reference.score(q["query"], q["items"]).probs for q in queries]
+        for name in variants:
+            use(name)
+            d = np.concatenate([np.abs(scorer.score(q["query"], q["items"]).probs - o).max(1) for q, o in zip(queries, oracle)])
+            print(f"vs the fp32 reference, {d.size} items: {name} max {d.max():.2e} mean {d.mean():.2e}, "
+                  f"past {TOLERANCE[args.dtype]:g}: {(d > TOLERANCE[args.dtype]).sum()}")
+
+
+if __name__ == "__main__":
+    main()

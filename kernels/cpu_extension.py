@@ -1,0 +1,90 @@
+"""darl_infer's C++ CPU ops (`kernels/*_cpu.cpp`), built on first use into one library and loaded as
+`torch.ops.darl_infer_cpu`.
+
+On a CPU the work between the matmuls runs as PyTorch ops, each a pass over the tensor (an RMSNorm
+is ~8); the C++ ops do each such step in one pass. They are built with torch's JIT extension loader
+(a C++ compiler and ninja, which torch.compile's CPU code needs too) for the SIMD level PyTorch
+dispatches to on this CPU (AVX-512, AVX2, or portable code), once per machine and version of the
+sources: ~10 s, then cached under torch's extension folder (TORCH_EXTENSIONS_DIR, by default
+~/.cache/torch_extensions). Where the build fails, `cpu_ops()` warns once and returns None, and
+callers keep PyTorch's path; DARL_INFER_CPU_KERNELS=0 turns the ops off.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+import shutil
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+
+# the flags ATen builds its own kernels of each level with (at::vec picks its implementation from them)
+SIMD_FLAGS = {
+    "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-DCPU_CAPABILITY_AVX512"],
+    "AVX2": ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2"],
+}
+HERE = Path(__file__).parent
+_BUILD_LOCK = threading.Lock()  # one build per process; torch's loader locks across processes
+log = logging.getLogger(__name__)
+
+
+def sources() -> list[Path]:
+    # the attention calls MKL's matmuls, which PyTorch links on x86 (ATen's wrappers are not exported)
+    names = ["rms_norm_cpu.cpp"] + (["shared_prefix_attention_cpu.cpp"] if torch.backends.mkl.is_available() else [])
+    return [HERE / name for name in names]
+
+
+def has(op: str) -> bool:
+    """Whether `torch.ops.darl_infer_cpu.<op>` is built (`cpu_ops()` first)."""
+    return cpu_ops() is not None and hasattr(torch.ops.darl_infer_cpu, op)
+
+
+def enabled() -> bool:
+    return os.environ.get("DARL_INFER_CPU_KERNELS", "1") != "0"
+
+
+def cpu_ops():
+    """`torch.ops.darl_infer_cpu`, built if need be; None where disabled or the build failed."""
+    if not enabled():
+        return None
+    with _BUILD_LOCK:
+        return _build()
+
+
+@functools.cache
+def _build():
+    from torch.utils import cpp_extension
+
+    if shutil.which("ninja") is None:  # the `ninja` package's binary, in a virtual environment not activated
+        try:
+            import ninja
+
+            os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+        except ImportError:
+            pass
+    level = torch.backends.cpu.get_cpu_capability()
+    flags = SIMD_FLAGS.get(level, [])
+    # one library per SIMD level and set of sources: a cache shared by machines of different CPUs
+    # (a home folder on a network drive) never loads code built for another
+    files = sources()
+    digest = hashlib.sha1(b"".join(source.read_bytes() for source in files)).hexdigest()[:10]
+    name = f"darl_infer_cpu_{level.lower() if flags else 'portable'}_{digest}"
+    log.info("building darl_infer's CPU kernels (%s, once per machine: ~10 s)", name)
+    try:
+        cpp_extension.load(
+            name=name, sources=[str(source) for source in files], extra_cflags=["-O3", *flags],
+            is_python_module=False, verbose=False,
+        )
+    except Exception as error:  # no compiler, no ninja, a header torch no longer ships: PyTorch's path
+        warnings.warn(
+            f"darl_infer's CPU kernels could not be built ({type(error).__name__}: {error}); the torch backend runs "
+            "PyTorch's ops instead (slower, same results). Needs a C++ compiler and ninja (pip install ninja).",
+            RuntimeWarning, stacklevel=3,
+        )
+        return None
+    return torch.ops.darl_infer_cpu

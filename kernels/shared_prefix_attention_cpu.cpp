@@ -1,0 +1,181 @@
+// Shared-prefix attention on the CPU: kernels/shared_prefix_attention.py's op (its reference's math,
+// the items packed without padding, each attending to the one prefix copy and its own causal keys),
+// fp32 or bf16, built by kernels/cpu_extension.py where PyTorch links MKL (x86).
+//
+// The items are taken in blocks of whole items with about BLOCK_ROWS (token, query head) rows; with
+// the G query heads of a KV head folded into the rows (adjacent in memory for one token), one block
+// and KV head is four matmuls, fp32 accumulation (MKL, single-threaded inside the parallel loop):
+//   S = Q [prefix K; the block's own K]^T   (two matmuls: one per K source, no copy of either)
+//   P = softmax(scale S) over the visible keys: the prefix (inside the sliding window) and the row's
+//       own item's keys up to itself; the block's other items' keys get 0
+//   O = P [prefix V; the block's own V]     (two matmuls)
+// so each item reads the prefix K/V in place (no per-item copy, no padding, no gather of q or of
+// the output), and the own-key part is one matmul per block instead of one per item (it computes
+// the block's other items too: ~G * BLOCK_ROWS / G keys wide instead of one item's, cheap next to
+// the prefix part). In bf16, P is rounded to bf16 for the second matmul, as PyTorch's CPU flash
+// attention does.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <limits>
+#include <vector>
+
+// MKL, linked into libtorch_cpu on x86 (ATen's own gemm wrappers are not exported); column-major
+extern "C" void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
+                       const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
+                       const float* beta, float* c, const int* ldc);
+extern "C" void cblas_gemm_bf16bf16f32(int layout, int transa, int transb, int m, int n, int k, float alpha,
+                                       const uint16_t* a, int lda, const uint16_t* b, int ldb, float beta,
+                                       float* c, int ldc);
+
+namespace {
+
+using Vec = at::vec::Vectorized<float>;
+constexpr int64_t BLOCK_ROWS = 256;  // 128-512 measured alike at Gemma-3's shapes (100 items, 2-core Xeon)
+
+// Row-major C (m x n, ldc) = A (m x k) B^T or A B, B (n x k) or (k x n): as column-major BLAS,
+// C^T = op(B) A^T.
+void matmul(bool b_transposed, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b,
+            int64_t ldb, float beta, float* c, int64_t ldc) {
+  const char tb = b_transposed ? 'T' : 'N', ta = 'N';
+  const int im = m, in = n, ik = k, ilda = lda, ildb = ldb, ildc = ldc;
+  const float one = 1.f;
+  sgemm_(&tb, &ta, &in, &im, &ik, &one, b, &ildb, a, &ilda, &beta, c, &ildc);
+}
+void matmul(bool b_transposed, int64_t m, int64_t n, int64_t k, const at::BFloat16* a, int64_t lda,
+            const at::BFloat16* b, int64_t ldb, float beta, float* c, int64_t ldc) {
+  constexpr int col_major = 102, no_trans = 111, trans = 112;
+  cblas_gemm_bf16bf16f32(col_major, b_transposed ? trans : no_trans, no_trans, n, m, k, 1.f,
+                         reinterpret_cast<const uint16_t*>(b), ldb, reinterpret_cast<const uint16_t*>(a), lda,
+                         beta, c, ldc);
+}
+
+float lane_sum(const Vec& v) {
+  float lanes[Vec::size()];
+  v.store(lanes);
+  float sum = 0.f;
+  for (float x : lanes) sum += x;
+  return sum;
+}
+
+// s[j] = exp(scale * s[j] - shift) over [a, b); returns their sum
+float exp_range(float* s, int64_t a, int64_t b, float scale, float shift) {
+  Vec sum(0.f);
+  int64_t j = a;
+  for (; j + Vec::size() <= b; j += Vec::size()) {
+    Vec e = (Vec::loadu(s + j) * Vec(scale) - Vec(shift)).exp_u20();
+    e.store(s + j);
+    sum = sum + e;
+  }
+  float total = lane_sum(sum);
+  for (; j < b; ++j) total += (s[j] = std::exp(s[j] * scale - shift));
+  return total;
+}
+
+void scale_range(float* s, int64_t a, int64_t b, float factor) {
+  int64_t j = a;
+  for (; j + Vec::size() <= b; j += Vec::size()) (Vec::loadu(s + j) * Vec(factor)).store(s + j);
+  for (; j < b; ++j) s[j] *= factor;
+}
+
+// One row of n scores in place: softmax(scale * s) over the visible keys [a0, a1) and [b0, b1)
+// (a1 <= b0; at least one key), 0 elsewhere.
+void softmax_row(float* s, int64_t n, int64_t a0, int64_t a1, int64_t b0, int64_t b1, float scale) {
+  float top = -std::numeric_limits<float>::infinity();
+  for (int64_t j = a0; j < a1; ++j) top = std::max(top, s[j]);
+  for (int64_t j = b0; j < b1; ++j) top = std::max(top, s[j]);
+  const float shift = top * scale;
+  const float inv = 1.f / (exp_range(s, a0, a1, scale, shift) + exp_range(s, b0, b1, scale, shift));
+  scale_range(s, a0, a1, inv);
+  scale_range(s, b0, b1, inv);
+  std::fill(s, s + a0, 0.f);
+  std::fill(s + a1, s + b0, 0.f);
+  std::fill(s + b1, s + n, 0.f);
+}
+
+template <typename T>
+void attend(const T* q, const T* k, const T* v, const T* prefix_k, const T* prefix_v, const int64_t* cu, int64_t N,
+            int64_t P, int64_t H, int64_t Hkv, int64_t D, float scale, int64_t window, T* out) {
+  const int64_t G = H / Hkv, ld_kv = Hkv * D;  // k, v and the prefix's rows: (token, KV head, D)
+  std::vector<int64_t> first{0};  // the items of block b: first[b] .. first[b + 1] - 1
+  int64_t widest = 0;             // the most tokens in a block
+  for (int64_t n = 0; n < N; ++n) {
+    if ((cu[n + 1] - cu[first.back()]) * G >= BLOCK_ROWS || n == N - 1) {
+      widest = std::max(widest, cu[n + 1] - cu[first.back()]);
+      first.push_back(n + 1);
+    }
+  }
+  const int64_t blocks = first.size() - 1, ld_s = P + widest;
+  at::parallel_for(0, blocks * Hkv, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> S(widest * G * ld_s), O(widest * G * D);
+    std::vector<T> rows_q(Hkv == 1 ? 0 : widest * G * D), probs(std::is_same_v<T, float> ? 0 : widest * G * ld_s);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / Hkv, h = task % Hkv, t0 = cu[first[b]], t1 = cu[first[b + 1]];
+      const int64_t tokens = t1 - t0, M = tokens * G, keys = P + tokens;
+      if (M == 0) continue;
+      const T* Q = q + t0 * H * D;  // rows (token, head of the group): contiguous for one KV head
+      if (Hkv > 1) {
+        for (int64_t t = t0; t < t1; ++t) std::copy_n(q + (t * H + h * G) * D, G * D, rows_q.data() + (t - t0) * G * D);
+        Q = rows_q.data();
+      }
+      if (P) matmul(true, M, P, D, Q, D, prefix_k + h * D, ld_kv, 0.f, S.data(), ld_s);
+      matmul(true, M, tokens, D, Q, D, k + t0 * ld_kv + h * D, ld_kv, 0.f, S.data() + P, ld_s);
+      for (int64_t n = first[b]; n < first[b + 1]; ++n) {
+        const int64_t own = cu[n] - t0;  // the item's first key among the block's own keys
+        for (int64_t r = own * G; r < (cu[n + 1] - t0) * G; ++r) {
+          const int64_t t = r / G - own;  // the row's token within its item, at position P + t
+          // keys at positions <= P + t - window are outside the window
+          const int64_t lo = window > 0 ? std::max<int64_t>(0, P + t - window + 1) : 0;
+          float* s = S.data() + r * ld_s;
+          softmax_row(s, keys, std::min(lo, P), P, P + own + std::max<int64_t>(0, lo - P), P + own + t + 1, scale);
+          if constexpr (!std::is_same_v<T, float>) at::vec::convert(s, probs.data() + r * ld_s, keys);
+        }
+      }
+      const T* Pr;
+      if constexpr (std::is_same_v<T, float>) Pr = S.data(); else Pr = probs.data();
+      if (P) matmul(false, M, D, P, Pr, ld_s, prefix_v + h * D, ld_kv, 0.f, O.data(), D);
+      matmul(false, M, D, tokens, Pr + P, ld_s, v + t0 * ld_kv + h * D, ld_kv, P ? 1.f : 0.f, O.data(), D);
+      for (int64_t t = t0; t < t1; ++t) at::vec::convert(O.data() + (t - t0) * G * D, out + (t * H + h * G) * D, G * D);
+    }
+  });
+}
+
+at::Tensor shared_prefix_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                   const at::Tensor& prefix_k, const at::Tensor& prefix_v,
+                                   const at::Tensor& cu_seqlens, double scale, int64_t sliding_window) {
+  TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.dim() == 3 && prefix_k.dim() == 3 && prefix_v.dim() == 3,
+              "shared_prefix_attention: q, k, v, prefix_k, prefix_v must be (tokens, heads, head dim)");
+  const int64_t T = q.size(0), H = q.size(1), D = q.size(2), Hkv = k.size(1), P = prefix_k.size(0);
+  TORCH_CHECK(Hkv > 0 && H % Hkv == 0 && k.size(0) == T && v.sizes() == k.sizes() && k.size(2) == D &&
+                  prefix_k.size(1) == Hkv && prefix_k.size(2) == D && prefix_v.sizes() == prefix_k.sizes(),
+              "shared_prefix_attention: shapes do not match");
+  for (const auto& x : {k, v, prefix_k, prefix_v})
+    TORCH_CHECK(x.scalar_type() == q.scalar_type(), "shared_prefix_attention: one dtype for all inputs");
+  auto cu = cu_seqlens.to(at::kLong).contiguous();
+  const int64_t N = cu.numel() - 1;
+  TORCH_CHECK(N >= 0 && cu.data_ptr<int64_t>()[N] == T, "shared_prefix_attention: cu_seqlens must end at q's tokens");
+  auto qc = q.contiguous(), kc = k.contiguous(), vc = v.contiguous(), pk = prefix_k.contiguous(), pv = prefix_v.contiguous();
+  auto out = at::empty_like(qc);
+  if (N == 0 || T == 0) return out;
+  if (q.scalar_type() == at::kFloat)
+    attend(qc.data_ptr<float>(), kc.data_ptr<float>(), vc.data_ptr<float>(), pk.data_ptr<float>(), pv.data_ptr<float>(),
+           cu.data_ptr<int64_t>(), N, P, H, Hkv, D, scale, sliding_window, out.data_ptr<float>());
+  else if (q.scalar_type() == at::kBFloat16)
+    attend(qc.data_ptr<at::BFloat16>(), kc.data_ptr<at::BFloat16>(), vc.data_ptr<at::BFloat16>(),
+           pk.data_ptr<at::BFloat16>(), pv.data_ptr<at::BFloat16>(), cu.data_ptr<int64_t>(), N, P, H, Hkv, D, scale,
+           sliding_window, out.data_ptr<at::BFloat16>());
+  else
+    TORCH_CHECK(false, "shared_prefix_attention: float32 or bfloat16 only, got ", q.scalar_type());
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(darl_infer_cpu, m) {
+  m.def("shared_prefix_attention(Tensor q, Tensor k, Tensor v, Tensor prefix_k, Tensor prefix_v, Tensor cu_seqlens, "
+        "float scale, int sliding_window) -> Tensor");
+  m.impl("shared_prefix_attention", c10::DispatchKey::CPU, &shared_prefix_attention);
+}

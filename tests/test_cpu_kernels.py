@@ -1,0 +1,139 @@
+"""kernels/*_cpu.cpp, the C++ CPU ops (kernels/cpu_extension.py builds them): each against its
+PyTorch reference, and through the Scorer (the torch backend on a CPU runs them) against the
+reference backend. A failed build fails these tests rather than skipping them: only
+DARL_INFER_CPU_KERNELS=0 turns them off."""
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ARCHS, ragged_items
+from darl_infer import Scorer
+from darl_infer.backends import torch_backend
+from darl_infer.backends.fused_modules import known_norm
+from darl_infer.kernels import cpu_extension
+from darl_infer.kernels.rms_norm import rms_norm_cpu, rms_norm_reference
+from darl_infer.kernels.shared_prefix_attention import shared_prefix_attention_cpu
+from test_kernels import HEAD_LAYOUTS, ITEM_LENGTHS, ODD_HEAD_DIM, assert_attention_matches, attention_inputs
+from tiny_models import random_text
+
+pytestmark = pytest.mark.skipif(not cpu_extension.enabled(), reason="DARL_INFER_CPU_KERNELS=0")
+
+
+def test_the_cpu_ops_build():
+    assert cpu_extension.cpu_ops() is not None
+
+
+@pytest.mark.parametrize("variant", ["llama", "gemma"])
+@pytest.mark.parametrize("shape", [(2, 37, 640), (1, 50, 4, 256), (3, 7), (0, 16), (5, 1)])
+def test_rms_norm_matches_the_reference(variant, shape):
+    g = torch.Generator().manual_seed(sum(shape))
+    x, w = 3 * torch.randn(shape, generator=g), torch.randn(shape[-1], generator=g) / 2
+    got, want = rms_norm_cpu(x, w, 1e-6, variant), rms_norm_reference(x, w, 1e-6, variant)
+    assert got.shape == want.shape and got.dtype == want.dtype
+    # fp32: the same math up to the order of the sum of squares
+    torch.testing.assert_close(got, want, rtol=2e-6, atol=1e-6)
+    xb, wb = x.bfloat16(), w.bfloat16()
+    got, want = rms_norm_cpu(xb, wb, 1e-6, variant), rms_norm_reference(xb, wb, 1e-6, variant)
+    assert got.dtype == torch.bfloat16
+    # bf16: rounded where the reference rounds; a value on a rounding boundary may land one unit
+    # in the last place away (the fp32 sums differ in their last bits)
+    ulp = 2.0 ** (torch.floor(torch.log2(want.float().abs().clamp_min(1e-30))) - 7)
+    assert ((got.float() - want.float()).abs() <= ulp).all()
+    assert (got != want).sum() <= 1e-3 * want.numel()
+
+
+def test_rms_norm_takes_strided_input_and_eps():
+    g = torch.Generator().manual_seed(3)
+    x, w = torch.randn(64, 2, 96, generator=g)[:, 1, :], torch.randn(96, generator=g)  # rows 192 apart
+    for eps in (1e-6, 0.5):
+        torch.testing.assert_close(rms_norm_cpu(x, w, eps, "gemma"), rms_norm_reference(x, w, eps, "gemma"), rtol=2e-6, atol=1e-6)
+
+
+def test_rms_norm_other_dtypes_get_the_reference():
+    x, w = torch.randn(4, 8, dtype=torch.float16), torch.randn(8, dtype=torch.float16)
+    assert torch.equal(rms_norm_cpu(x, w, 1e-6, "llama"), rms_norm_reference(x, w, 1e-6, "llama"))
+    with pytest.raises(ValueError, match="unknown norm_variant"):
+        rms_norm_cpu(x, w, 1e-6, "layer")
+
+
+needs_the_attention = pytest.mark.skipif(not torch.backends.mkl.is_available(), reason="the C++ attention calls MKL")
+
+
+@needs_the_attention
+@pytest.mark.parametrize("layout", [*HEAD_LAYOUTS, *ODD_HEAD_DIM])  # MQA, GQA, head dim 80
+@pytest.mark.parametrize("prefix_len", [0, 1, 37, 512])
+@pytest.mark.parametrize("n_items", [1, 3, 130])  # one 64-token item (256 rows: a block of its own), mixed
+def test_attention_matches_the_reference(prefix_len, n_items, layout):
+    for dtype in (torch.float32, torch.bfloat16):
+        assert_attention_matches(prefix_len, ITEM_LENGTHS[n_items], layout, dtype, op=shared_prefix_attention_cpu)
+
+
+@needs_the_attention
+@pytest.mark.parametrize("window", [1, 4, 40, 600])
+@pytest.mark.parametrize("prefix_len", [0, 37, 512])
+def test_attention_sliding_window(prefix_len, window):
+    for layout in ("gemma3", "smollm2"):
+        assert_attention_matches(prefix_len, ITEM_LENGTHS[130], layout, torch.float32, window, op=shared_prefix_attention_cpu)
+
+
+@needs_the_attention
+def test_attention_takes_strided_views_and_checks_its_inputs():
+    q, k, v, prefix_k, prefix_v, cu, scale = attention_inputs(37, ITEM_LENGTHS[130], "smollm2", torch.float32)
+    expected = shared_prefix_attention_cpu(q, k, v, prefix_k, prefix_v, cu, scale)
+    views = tuple(x.transpose(0, 1).contiguous().transpose(0, 1) for x in (q, k, v))  # HF's (heads, T, D) memory
+    assert not views[0].is_contiguous()
+    assert torch.equal(shared_prefix_attention_cpu(*views, prefix_k, prefix_v, cu, scale), expected)
+    with pytest.raises(RuntimeError, match="cu_seqlens must end at q's tokens"):
+        shared_prefix_attention_cpu(q, k, v, prefix_k, prefix_v, cu[:-1], scale)
+    with pytest.raises(RuntimeError, match="shapes do not match"):
+        shared_prefix_attention_cpu(q, k[:, :2], v[:, :2], prefix_k, prefix_v, cu, scale)
+    with pytest.raises(RuntimeError, match="one dtype"):
+        shared_prefix_attention_cpu(q, k.double(), v, prefix_k, prefix_v, cu, scale)
+
+
+def _norms(scorer):
+    return [m for m in scorer.backend.model.modules() if known_norm(m) is not None]
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("arch", ARCHS)  # llama and qwen2 norms, gemma3's (with q/k norms)
+def test_torch_backend_with_cpu_norms_matches_the_reference(monkeypatch, tiny_checkpoints, arch, dtype):
+    calls = []
+    monkeypatch.setattr(torch_backend, "rms_norm_cpu", lambda *args: calls.append(1) or rms_norm_cpu(*args))
+    rng = random.Random(f"cpu-norms-{arch}-{dtype}")
+    query, items = random_text(rng, rng.randint(1, 12)), ragged_items(rng, 30)
+    reference = Scorer.from_pretrained(tiny_checkpoints[arch], backend="reference", dtype=dtype).score(query, items)
+    scorer = Scorer.from_pretrained(tiny_checkpoints[arch], backend="torch", dtype=dtype, token_budget=60)
+    got = scorer.score(query, items)
+    norms = _norms(scorer)
+    assert all("darl_rms_norm" in vars(norm) for norm in norms)
+    # the C++ attention in fp32 (in bf16 it measured no faster than PyTorch's SDPA)
+    assert (scorer.backend.runner.attention_op is shared_prefix_attention_cpu) == (dtype == "fp32")
+    assert len(calls) >= len(norms) - 1  # every norm but the final one (the head applies it) in each pass
+    assert np.abs(got.probs - reference.probs).max() <= (1e-5 if dtype == "fp32" else 2e-2)
+
+
+def test_compiled_layers_and_the_switch_keep_hf_s_norms(monkeypatch, tiny_checkpoints):
+    compiled = Scorer.from_pretrained(tiny_checkpoints["gemma3"], backend="torch", dtype="fp32", compile=True)
+    assert not any("darl_rms_norm" in vars(norm) for norm in _norms(compiled))  # inductor fuses them itself
+    monkeypatch.setenv("DARL_INFER_CPU_KERNELS", "0")
+    switched_off = Scorer.from_pretrained(tiny_checkpoints["gemma3"], backend="torch", dtype="fp32")
+    assert not any("darl_rms_norm" in vars(norm) for norm in _norms(switched_off))
+
+
+def test_a_failed_build_warns_and_leaves_pytorch_s_path(monkeypatch):
+    from torch.utils import cpp_extension
+
+    def no_compiler(**kwargs):
+        raise RuntimeError("no c++ here")
+
+    monkeypatch.setattr(cpp_extension, "load", no_compiler)
+    cpu_extension._build.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match="could not be built.*no c\\+\\+ here"):
+            assert cpu_extension.cpu_ops() is None
+    finally:
+        cpu_extension._build.cache_clear()
