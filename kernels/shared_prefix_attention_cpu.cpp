@@ -61,39 +61,61 @@ float lane_sum(const Vec& v) {
   return sum;
 }
 
+// The loops below run whole vectors, the last one partial (an item's own keys are often fewer
+// than a vector: one key at a time through std::exp was most of the op's time).
+float range_max(const float* s, int64_t a, int64_t b, float top) {
+  const Vec lowest(-std::numeric_limits<float>::infinity());
+  Vec m = lowest;
+  for (int64_t j = a; j < b; j += Vec::size()) {
+    const int64_t n = std::min<int64_t>(Vec::size(), b - j);
+    m = at::vec::maximum(m, Vec::set(lowest, Vec::loadu(s + j, n), n));
+  }
+  float lanes[Vec::size()];
+  m.store(lanes);
+  for (float x : lanes) top = std::max(top, x);
+  return top;
+}
+
 // s[j] = exp(scale * s[j] - shift) over [a, b); returns their sum
 float exp_range(float* s, int64_t a, int64_t b, float scale, float shift) {
   Vec sum(0.f);
-  int64_t j = a;
-  for (; j + Vec::size() <= b; j += Vec::size()) {
-    Vec e = (Vec::loadu(s + j) * Vec(scale) - Vec(shift)).exp_u20();
-    e.store(s + j);
-    sum = sum + e;
+  for (int64_t j = a; j < b; j += Vec::size()) {
+    const int64_t n = std::min<int64_t>(Vec::size(), b - j);
+    const Vec e = (Vec::loadu(s + j, n) * Vec(scale) - Vec(shift)).exp_u20();
+    e.store(s + j, n);
+    sum = sum + Vec::set(Vec(0.f), e, n);
   }
-  float total = lane_sum(sum);
-  for (; j < b; ++j) total += (s[j] = std::exp(s[j] * scale - shift));
-  return total;
+  return lane_sum(sum);
 }
 
-void scale_range(float* s, int64_t a, int64_t b, float factor) {
-  int64_t j = a;
-  for (; j + Vec::size() <= b; j += Vec::size()) (Vec::loadu(s + j) * Vec(factor)).store(s + j);
-  for (; j < b; ++j) s[j] *= factor;
+// out[j] = s[j] * factor over [a, b), in out's dtype
+template <typename T>
+void scale_range(const float* s, T* out, int64_t a, int64_t b, float factor) {
+  for (int64_t j = a; j < b; j += Vec::size()) {
+    const int64_t n = std::min<int64_t>(Vec::size(), b - j);
+    const Vec x = Vec::loadu(s + j, n) * Vec(factor);
+    if constexpr (std::is_same_v<T, float>) {
+      x.store(out + j, n);
+    } else {
+      float lanes[Vec::size()];
+      x.store(lanes, n);
+      at::vec::convert(lanes, out + j, n);
+    }
+  }
 }
 
-// One row of n scores in place: softmax(scale * s) over the visible keys [a0, a1) and [b0, b1)
-// (a1 <= b0; at least one key), 0 elsewhere.
-void softmax_row(float* s, int64_t n, int64_t a0, int64_t a1, int64_t b0, int64_t b1, float scale) {
-  float top = -std::numeric_limits<float>::infinity();
-  for (int64_t j = a0; j < a1; ++j) top = std::max(top, s[j]);
-  for (int64_t j = b0; j < b1; ++j) top = std::max(top, s[j]);
+// One row of n scores: out = softmax(scale * s) over the visible keys [a0, a1) and [b0, b1)
+// (a1 <= b0; at least one key), 0 elsewhere; s is overwritten (out may be s).
+template <typename T>
+void softmax_row(float* s, T* out, int64_t n, int64_t a0, int64_t a1, int64_t b0, int64_t b1, float scale) {
+  const float top = range_max(s, b0, b1, range_max(s, a0, a1, -std::numeric_limits<float>::infinity()));
   const float shift = top * scale;
   const float inv = 1.f / (exp_range(s, a0, a1, scale, shift) + exp_range(s, b0, b1, scale, shift));
-  scale_range(s, a0, a1, inv);
-  scale_range(s, b0, b1, inv);
-  std::fill(s, s + a0, 0.f);
-  std::fill(s + a1, s + b0, 0.f);
-  std::fill(s + b1, s + n, 0.f);
+  scale_range(s, out, a0, a1, inv);
+  scale_range(s, out, b0, b1, inv);
+  std::fill(out, out + a0, T(0));
+  std::fill(out + a1, out + b0, T(0));
+  std::fill(out + b1, out + n, T(0));
 }
 
 template <typename T>
@@ -130,8 +152,8 @@ void attend(const T* q, const T* k, const T* v, const T* prefix_k, const T* pref
           // keys at positions <= P + t - window are outside the window
           const int64_t lo = window > 0 ? std::max<int64_t>(0, P + t - window + 1) : 0;
           float* s = S.data() + r * ld_s;
-          softmax_row(s, keys, std::min(lo, P), P, P + own + std::max<int64_t>(0, lo - P), P + own + t + 1, scale);
-          if constexpr (!std::is_same_v<T, float>) at::vec::convert(s, probs.data() + r * ld_s, keys);
+          T* p = std::is_same_v<T, float> ? reinterpret_cast<T*>(s) : probs.data() + r * ld_s;
+          softmax_row(s, p, keys, std::min(lo, P), P, P + own + std::max<int64_t>(0, lo - P), P + own + t + 1, scale);
         }
       }
       const T* Pr;

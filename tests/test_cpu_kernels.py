@@ -15,15 +15,16 @@ from darl_infer.backends import torch_backend
 from darl_infer.backends.fused_modules import known_norm
 from darl_infer.kernels import cpu_extension
 from darl_infer.kernels.rms_norm import rms_norm_cpu, rms_norm_reference
-from darl_infer.kernels.shared_prefix_attention import shared_prefix_attention_cpu
+from darl_infer.kernels.shared_prefix_attention import shared_prefix_attention_cpu, shared_prefix_attention_reference
 from test_kernels import HEAD_LAYOUTS, ITEM_LENGTHS, ODD_HEAD_DIM, assert_attention_matches, attention_inputs
 from tiny_models import random_text
 
 pytestmark = pytest.mark.skipif(not cpu_extension.enabled(), reason="DARL_INFER_CPU_KERNELS=0")
 
 
-def test_the_cpu_ops_build():
-    assert cpu_extension.cpu_ops() is not None
+@pytest.fixture(autouse=True, scope="module")
+def built():
+    assert cpu_extension.cpu_ops() is not None  # once for the module: the build takes seconds
 
 
 @pytest.mark.parametrize("variant", ["llama", "gemma"])
@@ -80,6 +81,20 @@ def test_attention_sliding_window(prefix_len, window):
 
 
 @needs_the_attention
+def test_attention_with_extreme_scores():
+    """Every score of a row far below zero (exp underflows unless the row's max is subtracted) or
+    far above (overflows). Scores in the thousands carry fp32 rounding of ~1e-4 into the exponent,
+    in the reference as here: hence 1e-3."""
+    q, k, v, prefix_k, prefix_v, cu, scale = attention_inputs(37, ITEM_LENGTHS[130], "gemma3", torch.float32)
+    q = 8 * q.abs()
+    for sign in (-1, 1):
+        keys = (sign * 8 * k.abs(), v, sign * 8 * prefix_k.abs(), prefix_v)
+        got = shared_prefix_attention_cpu(q, keys[0], v, keys[2], prefix_v, cu, scale)
+        want = shared_prefix_attention_reference(q, keys[0], v, keys[2], prefix_v, cu, scale)
+        assert torch.isfinite(got).all() and (got - want).abs().max() <= 1e-3
+
+
+@needs_the_attention
 def test_attention_takes_strided_views_and_checks_its_inputs():
     q, k, v, prefix_k, prefix_v, cu, scale = attention_inputs(37, ITEM_LENGTHS[130], "smollm2", torch.float32)
     expected = shared_prefix_attention_cpu(q, k, v, prefix_k, prefix_v, cu, scale)
@@ -110,10 +125,14 @@ def test_torch_backend_with_cpu_norms_matches_the_reference(monkeypatch, tiny_ch
     got = scorer.score(query, items)
     norms = _norms(scorer)
     assert all("darl_rms_norm" in vars(norm) for norm in norms)
-    # the C++ attention in fp32 (in bf16 it measured no faster than PyTorch's SDPA)
-    assert (scorer.backend.runner.attention_op is shared_prefix_attention_cpu) == (dtype == "fp32")
+    assert scorer.backend.runner.attention_op is shared_prefix_attention_cpu
     assert len(calls) >= len(norms) - 1  # every norm but the final one (the head applies it) in each pass
     assert np.abs(got.probs - reference.probs).max() <= (1e-5 if dtype == "fp32" else 2e-2)
+
+
+def test_fp16_keeps_pytorch_s_attention(tiny_checkpoints):
+    scorer = Scorer.from_pretrained(tiny_checkpoints["llama"], backend="torch", dtype="fp16")
+    assert scorer.backend.runner.attention_op is torch_backend.shared_prefix_attention_sdpa  # the kernel takes fp32, bf16
 
 
 def test_compiled_layers_and_the_switch_keep_hf_s_norms(monkeypatch, tiny_checkpoints):
@@ -122,6 +141,7 @@ def test_compiled_layers_and_the_switch_keep_hf_s_norms(monkeypatch, tiny_checkp
     monkeypatch.setenv("DARL_INFER_CPU_KERNELS", "0")
     switched_off = Scorer.from_pretrained(tiny_checkpoints["gemma3"], backend="torch", dtype="fp32")
     assert not any("darl_rms_norm" in vars(norm) for norm in _norms(switched_off))
+    assert switched_off.backend.runner.attention_op is torch_backend.shared_prefix_attention_sdpa
 
 
 def test_a_failed_build_warns_and_leaves_pytorch_s_path(monkeypatch):

@@ -61,8 +61,8 @@ class TorchBackend:
     name = "torch"
     # PyTorch's fused SDPA: the reference's math (tests/test_sdpa_attention.py) without its
     # separate scale / mask / softmax passes and fp32 round trips (bench/RESULTS.md, issue 16). On a
-    # CPU in fp32 the C++ kernel (kernels/shared_prefix_attention_cpu.cpp): one layer's attention
-    # 12.7 -> 8.7 ms, a 100-item query -4 %; in bf16 no faster than SDPA's (bench/cpu_kernels.py)
+    # CPU the C++ kernel instead (kernels/shared_prefix_attention_cpu.cpp; bench/cpu_kernels.py, a
+    # 100-item query on a 2-core Xeon: fp32 -5 %, bf16 -4 to -5 %)
     attention_op = staticmethod(shared_prefix_attention_sdpa)
     head_op = staticmethod(classification_head_reference)
     # between the matmuls of the fused q/k/v and gate/up projections (fused_modules.py); HF's norms
@@ -95,7 +95,7 @@ class TorchBackend:
             use_onednn_mlps(decoder)
             if not compile and cpu_ops() is not None:  # compiled layers fuse the norms themselves
                 use_norm_op(decoder, rms_norm_cpu)
-            if model.dtype == torch.float32 and has("shared_prefix_attention"):
+            if model.dtype in (torch.float32, torch.bfloat16) and has("shared_prefix_attention"):
                 self.attention_op = shared_prefix_attention_cpu
         if compile:
             compile_decoder_layers(decoder)
