@@ -119,8 +119,9 @@ void softmax_row(float* s, T* out, int64_t n, int64_t a0, int64_t a1, int64_t b0
 }
 
 template <typename T>
-void attend(const T* q, const T* k, const T* v, const T* prefix_k, const T* prefix_v, const int64_t* cu, int64_t N,
-            int64_t P, int64_t H, int64_t Hkv, int64_t D, float scale, int64_t window, T* out) {
+void attend(const T* q, int64_t q_token_stride, int64_t q_head_stride, const T* k, const T* v, const T* prefix_k,
+            const T* prefix_v, const int64_t* cu, int64_t N, int64_t P, int64_t H, int64_t Hkv, int64_t D, float scale,
+            int64_t window, T* out) {
   const int64_t G = H / Hkv, ld_kv = Hkv * D;  // k, v and the prefix's rows: (token, KV head, D)
   std::vector<int64_t> first{0};  // the items of block b: first[b] .. first[b + 1] - 1
   int64_t widest = 0;             // the most tokens in a block
@@ -131,16 +132,22 @@ void attend(const T* q, const T* k, const T* v, const T* prefix_k, const T* pref
     }
   }
   const int64_t blocks = first.size() - 1, ld_s = P + widest;
+  // a block's query rows, (token, head of the group), are one matrix of stride D in q itself when q
+  // is (T, H, D) contiguous with one KV head; else (HF hands q over in its (H, T, D) memory) they
+  // are copied into one, a block at a time, while it is small enough to stay in cache
+  const bool rows_in_place = Hkv == 1 && q_head_stride == D && q_token_stride == H * D;
   at::parallel_for(0, blocks * Hkv, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> S(widest * G * ld_s), O(widest * G * D);
-    std::vector<T> rows_q(Hkv == 1 ? 0 : widest * G * D), probs(std::is_same_v<T, float> ? 0 : widest * G * ld_s);
+    std::vector<T> rows_q(rows_in_place ? 0 : widest * G * D), probs(std::is_same_v<T, float> ? 0 : widest * G * ld_s);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / Hkv, h = task % Hkv, t0 = cu[first[b]], t1 = cu[first[b + 1]];
       const int64_t tokens = t1 - t0, M = tokens * G, keys = P + tokens;
       if (M == 0) continue;
-      const T* Q = q + t0 * H * D;  // rows (token, head of the group): contiguous for one KV head
-      if (Hkv > 1) {
-        for (int64_t t = t0; t < t1; ++t) std::copy_n(q + (t * H + h * G) * D, G * D, rows_q.data() + (t - t0) * G * D);
+      const T* Q = q + t0 * H * D;
+      if (!rows_in_place) {
+        for (int64_t t = t0; t < t1; ++t)
+          for (int64_t g = 0; g < G; ++g)
+            std::copy_n(q + t * q_token_stride + (h * G + g) * q_head_stride, D, rows_q.data() + ((t - t0) * G + g) * D);
         Q = rows_q.data();
       }
       if (P) matmul(true, M, P, D, Q, D, prefix_k + h * D, ld_kv, 0.f, S.data(), ld_s);
@@ -179,16 +186,19 @@ at::Tensor shared_prefix_attention(const at::Tensor& q, const at::Tensor& k, con
   auto cu = cu_seqlens.to(at::kLong).contiguous();
   const int64_t N = cu.numel() - 1;
   TORCH_CHECK(N >= 0 && cu.data_ptr<int64_t>()[N] == T, "shared_prefix_attention: cu_seqlens must end at q's tokens");
-  auto qc = q.contiguous(), kc = k.contiguous(), vc = v.contiguous(), pk = prefix_k.contiguous(), pv = prefix_v.contiguous();
-  auto out = at::empty_like(qc);
+  // q as it comes (rows of D contiguous values), the rest contiguous
+  auto qc = q.stride(2) == 1 ? q : q.contiguous();
+  auto kc = k.contiguous(), vc = v.contiguous(), pk = prefix_k.contiguous(), pv = prefix_v.contiguous();
+  auto out = at::empty({T, H, D}, q.options());
   if (N == 0 || T == 0) return out;
   if (q.scalar_type() == at::kFloat)
-    attend(qc.data_ptr<float>(), kc.data_ptr<float>(), vc.data_ptr<float>(), pk.data_ptr<float>(), pv.data_ptr<float>(),
-           cu.data_ptr<int64_t>(), N, P, H, Hkv, D, scale, sliding_window, out.data_ptr<float>());
+    attend(qc.data_ptr<float>(), qc.stride(0), qc.stride(1), kc.data_ptr<float>(), vc.data_ptr<float>(),
+           pk.data_ptr<float>(), pv.data_ptr<float>(), cu.data_ptr<int64_t>(), N, P, H, Hkv, D, scale, sliding_window,
+           out.data_ptr<float>());
   else if (q.scalar_type() == at::kBFloat16)
-    attend(qc.data_ptr<at::BFloat16>(), kc.data_ptr<at::BFloat16>(), vc.data_ptr<at::BFloat16>(),
-           pk.data_ptr<at::BFloat16>(), pv.data_ptr<at::BFloat16>(), cu.data_ptr<int64_t>(), N, P, H, Hkv, D, scale,
-           sliding_window, out.data_ptr<at::BFloat16>());
+    attend(qc.data_ptr<at::BFloat16>(), qc.stride(0), qc.stride(1), kc.data_ptr<at::BFloat16>(),
+           vc.data_ptr<at::BFloat16>(), pk.data_ptr<at::BFloat16>(), pv.data_ptr<at::BFloat16>(), cu.data_ptr<int64_t>(),
+           N, P, H, Hkv, D, scale, sliding_window, out.data_ptr<at::BFloat16>());
   else
     TORCH_CHECK(false, "shared_prefix_attention: float32 or bfloat16 only, got ", q.scalar_type());
   return out;

@@ -95,16 +95,19 @@ def test_attention_with_extreme_scores():
 
 
 @needs_the_attention
-def test_attention_takes_strided_views_and_checks_its_inputs():
-    q, k, v, prefix_k, prefix_v, cu, scale = attention_inputs(37, ITEM_LENGTHS[130], "smollm2", torch.float32)
+@pytest.mark.parametrize("layout", HEAD_LAYOUTS)
+def test_attention_takes_strided_views_and_checks_its_inputs(layout):
+    q, k, v, prefix_k, prefix_v, cu, scale = attention_inputs(37, ITEM_LENGTHS[130], layout, torch.float32)
     expected = shared_prefix_attention_cpu(q, k, v, prefix_k, prefix_v, cu, scale)
-    views = tuple(x.transpose(0, 1).contiguous().transpose(0, 1) for x in (q, k, v))  # HF's (heads, T, D) memory
+    # HF's (heads, T, D) memory, and rows of a longer packed row (the items after a pass's prefixes)
+    views = tuple(torch.cat([x, x[:5]]).transpose(0, 1).contiguous().transpose(0, 1)[: len(x)] for x in (q, k, v))
     assert not views[0].is_contiguous()
-    assert torch.equal(shared_prefix_attention_cpu(*views, prefix_k, prefix_v, cu, scale), expected)
+    got = shared_prefix_attention_cpu(*views, prefix_k, prefix_v, cu, scale)
+    assert got.is_contiguous() and torch.equal(got, expected)
     with pytest.raises(RuntimeError, match="cu_seqlens must end at q's tokens"):
         shared_prefix_attention_cpu(q, k, v, prefix_k, prefix_v, cu[:-1], scale)
     with pytest.raises(RuntimeError, match="shapes do not match"):
-        shared_prefix_attention_cpu(q, k[:, :2], v[:, :2], prefix_k, prefix_v, cu, scale)
+        shared_prefix_attention_cpu(q, k, v, prefix_k[..., :-1], prefix_v[..., :-1], cu, scale)
     with pytest.raises(RuntimeError, match="one dtype"):
         shared_prefix_attention_cpu(q, k.double(), v, prefix_k, prefix_v, cu, scale)
 
