@@ -5,18 +5,19 @@ On a CPU the work between the matmuls runs as PyTorch ops, each a pass over the 
 is ~8); the C++ ops do each such step in one pass. They are built with torch's JIT extension loader
 (a C++ compiler and ninja, which torch.compile's CPU code needs too) for the SIMD level PyTorch
 dispatches to on this CPU (AVX-512, AVX2, or portable code), once per machine and version of the
-sources: ~10 s, then cached under torch's extension folder (TORCH_EXTENSIONS_DIR, by default
-~/.cache/torch_extensions). Where the build fails, `cpu_ops()` warns once and returns None, and
-callers keep PyTorch's path; DARL_INFER_CPU_KERNELS=0 turns the ops off.
+sources: ~15 s (a line on stderr says so), then cached in darl_infer's cache folder
+(DARL_INFER_CACHE, by default ~/.cache/darl_infer) under cpu_kernels/. Where the build fails,
+`cpu_ops()` warns once and returns None, and callers keep PyTorch's path; DARL_INFER_CPU_KERNELS=0
+turns the ops off.
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
-import logging
 import os
 import shutil
+import sys
 import threading
 import warnings
 from pathlib import Path
@@ -30,7 +31,6 @@ SIMD_FLAGS = {
 }
 HERE = Path(__file__).parent
 _BUILD_LOCK = threading.Lock()  # one build per process; torch's loader locks across processes
-log = logging.getLogger(__name__)
 
 
 def sources() -> list[Path]:
@@ -74,11 +74,14 @@ def _build():
     files = sources()
     digest = hashlib.sha1(b"".join(source.read_bytes() for source in files)).hexdigest()[:10]
     name = f"darl_infer_cpu_{level.lower() if flags else 'portable'}_{digest}"
-    log.info("building darl_infer's CPU kernels (%s, once per machine: ~10 s)", name)
+    build = Path(os.environ.get("DARL_INFER_CACHE", Path.home() / ".cache" / "darl_infer")) / "cpu_kernels" / name
+    if not (build / f"{name}.so").exists():
+        print(f"darl_infer: building its CPU kernels ({level}, once per machine: ~15 s) in {build}", file=sys.stderr)
     try:
+        build.mkdir(parents=True, exist_ok=True)
         cpp_extension.load(
             name=name, sources=[str(source) for source in files], extra_cflags=["-O3", *flags],
-            is_python_module=False, verbose=False,
+            build_directory=str(build), is_python_module=False, verbose=False,
         )
     except Exception as error:  # no compiler, no ninja, a header torch no longer ships: PyTorch's path
         warnings.warn(
