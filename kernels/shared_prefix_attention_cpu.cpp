@@ -2,9 +2,10 @@
 // the items packed without padding, each attending to the one prefix copy and its own causal keys),
 // fp32 or bf16, built by kernels/cpu_extension.py where PyTorch links MKL (x86).
 //
-// The items are taken in blocks of whole items with about BLOCK_ROWS (token, query head) rows; with
-// the G query heads of a KV head folded into the rows (adjacent in memory for one token), one block
-// and KV head is four matmuls, fp32 accumulation (MKL, single-threaded inside the parallel loop):
+// The items are taken in blocks of whole items with about BLOCK_ROWS (token, query head) rows (an
+// item longer than that in slices of its own); with the G query heads of a KV head folded into the
+// rows (adjacent in memory for one token), one block and KV head is four matmuls, fp32 accumulation
+// (MKL, single-threaded inside the parallel loop):
 //   S = Q [prefix K; the block's own K]^T   (two matmuls: one per K source, no copy of either)
 //   P = softmax(scale S) over the visible keys: the prefix (inside the sliding window) and the row's
 //       own item's keys up to itself; the block's other items' keys get 0
@@ -118,56 +119,77 @@ void softmax_row(float* s, T* out, int64_t n, int64_t a0, int64_t a1, int64_t b0
   std::fill(out + b1, out + n, T(0));
 }
 
+// Query tokens t0 .. t1 - 1 of items first .. last - 1, their own keys from key0 on: a run of whole
+// items (key0 = t0), or a slice of one long item (key0 = the item's start), so that a block's
+// scores stay ~BLOCK_ROWS rows of (prefix + own keys) whatever the items' lengths.
+struct Block {
+  int64_t t0, t1, key0, first, last;
+};
+
+std::vector<Block> blocks_of(const int64_t* cu, int64_t N, int64_t G) {
+  std::vector<Block> blocks;
+  const int64_t slice = std::max<int64_t>(1, BLOCK_ROWS / G);  // tokens of a long item's slice
+  int64_t run = 0;                                              // the first item of the open run
+  for (int64_t n = 0; n < N; ++n) {
+    if ((cu[n + 1] - cu[n]) * G > BLOCK_ROWS) {  // a long item: close the run, then its slices
+      if (run < n) blocks.push_back({cu[run], cu[n], cu[run], run, n});
+      for (int64_t t = cu[n]; t < cu[n + 1]; t += slice) blocks.push_back({t, std::min(t + slice, cu[n + 1]), cu[n], n, n + 1});
+      run = n + 1;
+    } else if ((cu[n + 1] - cu[run]) * G >= BLOCK_ROWS || n == N - 1) {
+      blocks.push_back({cu[run], cu[n + 1], cu[run], run, n + 1});
+      run = n + 1;
+    }
+  }
+  return blocks;
+}
+
 template <typename T>
 void attend(const T* q, int64_t q_token_stride, int64_t q_head_stride, const T* k, const T* v, const T* prefix_k,
             const T* prefix_v, const int64_t* cu, int64_t N, int64_t P, int64_t H, int64_t Hkv, int64_t D, float scale,
             int64_t window, T* out) {
   const int64_t G = H / Hkv, ld_kv = Hkv * D;  // k, v and the prefix's rows: (token, KV head, D)
-  std::vector<int64_t> first{0};  // the items of block b: first[b] .. first[b + 1] - 1
-  int64_t widest = 0;             // the most tokens in a block
-  for (int64_t n = 0; n < N; ++n) {
-    if ((cu[n + 1] - cu[first.back()]) * G >= BLOCK_ROWS || n == N - 1) {
-      widest = std::max(widest, cu[n + 1] - cu[first.back()]);
-      first.push_back(n + 1);
-    }
-  }
-  const int64_t blocks = first.size() - 1, ld_s = P + widest;
+  const auto blocks = blocks_of(cu, N, G);
+  int64_t tokens = 0, keys = 0;  // the most query tokens and own keys of a block
+  for (const auto& b : blocks) tokens = std::max(tokens, b.t1 - b.t0), keys = std::max(keys, b.t1 - b.key0);
+  const int64_t ld_s = P + keys;
   // a block's query rows, (token, head of the group), are one matrix of stride D in q itself when q
   // is (T, H, D) contiguous with one KV head; else (HF hands q over in its (H, T, D) memory) they
   // are copied into one, a block at a time, while it is small enough to stay in cache
   const bool rows_in_place = Hkv == 1 && q_head_stride == D && q_token_stride == H * D;
-  at::parallel_for(0, blocks * Hkv, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> S(widest * G * ld_s), O(widest * G * D);
-    std::vector<T> rows_q(rows_in_place ? 0 : widest * G * D), probs(std::is_same_v<T, float> ? 0 : widest * G * ld_s);
+  at::parallel_for(0, blocks.size() * Hkv, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> S(tokens * G * ld_s), O(tokens * G * D);
+    std::vector<T> rows_q(rows_in_place ? 0 : tokens * G * D), probs(std::is_same_v<T, float> ? 0 : tokens * G * ld_s);
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / Hkv, h = task % Hkv, t0 = cu[first[b]], t1 = cu[first[b + 1]];
-      const int64_t tokens = t1 - t0, M = tokens * G, keys = P + tokens;
-      if (M == 0) continue;
-      const T* Q = q + t0 * H * D;
+      const Block& b = blocks[task / Hkv];
+      const int64_t h = task % Hkv, M = (b.t1 - b.t0) * G, own_keys = b.t1 - b.key0, width = P + own_keys;
+      if (M == 0) continue;  // a run of empty items
+      const T* Q = q + b.t0 * H * D;
       if (!rows_in_place) {
-        for (int64_t t = t0; t < t1; ++t)
+        for (int64_t t = b.t0; t < b.t1; ++t)
           for (int64_t g = 0; g < G; ++g)
-            std::copy_n(q + t * q_token_stride + (h * G + g) * q_head_stride, D, rows_q.data() + ((t - t0) * G + g) * D);
+            std::copy_n(q + t * q_token_stride + (h * G + g) * q_head_stride, D, rows_q.data() + ((t - b.t0) * G + g) * D);
         Q = rows_q.data();
       }
       if (P) matmul(true, M, P, D, Q, D, prefix_k + h * D, ld_kv, 0.f, S.data(), ld_s);
-      matmul(true, M, tokens, D, Q, D, k + t0 * ld_kv + h * D, ld_kv, 0.f, S.data() + P, ld_s);
-      for (int64_t n = first[b]; n < first[b + 1]; ++n) {
-        const int64_t own = cu[n] - t0;  // the item's first key among the block's own keys
-        for (int64_t r = own * G; r < (cu[n + 1] - t0) * G; ++r) {
-          const int64_t t = r / G - own;  // the row's token within its item, at position P + t
+      matmul(true, M, own_keys, D, Q, D, k + b.key0 * ld_kv + h * D, ld_kv, 0.f, S.data() + P, ld_s);
+      for (int64_t n = b.first; n < b.last; ++n) {
+        const int64_t own = cu[n] - b.key0;  // the item's first key among the block's own keys
+        for (int64_t token = std::max(cu[n], b.t0); token < std::min(cu[n + 1], b.t1); ++token) {
+          const int64_t t = token - cu[n];  // the token within its item, at position P + t
           // keys at positions <= P + t - window are outside the window
           const int64_t lo = window > 0 ? std::max<int64_t>(0, P + t - window + 1) : 0;
-          float* s = S.data() + r * ld_s;
-          T* p = std::is_same_v<T, float> ? reinterpret_cast<T*>(s) : probs.data() + r * ld_s;
-          softmax_row(s, p, keys, std::min(lo, P), P, P + own + std::max<int64_t>(0, lo - P), P + own + t + 1, scale);
+          for (int64_t r = (token - b.t0) * G; r < (token - b.t0 + 1) * G; ++r) {
+            float* s = S.data() + r * ld_s;
+            T* p = std::is_same_v<T, float> ? reinterpret_cast<T*>(s) : probs.data() + r * ld_s;
+            softmax_row(s, p, width, std::min(lo, P), P, P + own + std::max<int64_t>(0, lo - P), P + own + t + 1, scale);
+          }
         }
       }
       const T* Pr;
       if constexpr (std::is_same_v<T, float>) Pr = S.data(); else Pr = probs.data();
       if (P) matmul(false, M, D, P, Pr, ld_s, prefix_v + h * D, ld_kv, 0.f, O.data(), D);
-      matmul(false, M, D, tokens, Pr + P, ld_s, v + t0 * ld_kv + h * D, ld_kv, P ? 1.f : 0.f, O.data(), D);
-      for (int64_t t = t0; t < t1; ++t) at::vec::convert(O.data() + (t - t0) * G * D, out + (t * H + h * G) * D, G * D);
+      matmul(false, M, D, own_keys, Pr + P, ld_s, v + b.key0 * ld_kv + h * D, ld_kv, P ? 1.f : 0.f, O.data(), D);
+      for (int64_t t = b.t0; t < b.t1; ++t) at::vec::convert(O.data() + (t - b.t0) * G * D, out + (t * H + h * G) * D, G * D);
     }
   });
 }

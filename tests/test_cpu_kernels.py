@@ -81,6 +81,17 @@ def test_attention_sliding_window(prefix_len, window):
 
 
 @needs_the_attention
+@pytest.mark.parametrize("window", [None, 40])
+@pytest.mark.parametrize("prefix_len", [0, 37])
+def test_attention_long_items_in_slices(prefix_len, window):
+    """Items of more than a block's rows (256) run in slices of their own, each against the item's
+    keys so far: the scores stay a block's size whatever the item's length."""
+    for layout in ("gemma3", "smollm2"):
+        for dtype in (torch.float32, torch.bfloat16):
+            assert_attention_matches(prefix_len, [3, 300, 7, 150, 0, 64], layout, dtype, window, op=shared_prefix_attention_cpu)
+
+
+@needs_the_attention
 def test_attention_with_extreme_scores():
     """Every score of a row far below zero (exp underflows unless the row's max is subtracted) or
     far above (overflows). Scores in the thousands carry fp32 rounding of ~1e-4 into the exponent,
