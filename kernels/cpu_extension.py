@@ -69,10 +69,11 @@ def _build():
             pass
     level = torch.backends.cpu.get_cpu_capability()
     flags = SIMD_FLAGS.get(level, [])
-    # one library per SIMD level and set of sources: a cache shared by machines of different CPUs
-    # (a home folder on a network drive) never loads code built for another
+    # one library per SIMD level, torch version and set of sources: a cache shared by machines of
+    # different CPUs (a home folder on a network drive), or kept across a torch upgrade, never loads
+    # code built for another
     files = sources()
-    digest = hashlib.sha1(b"".join(source.read_bytes() for source in files)).hexdigest()[:10]
+    digest = hashlib.sha1(torch.__version__.encode() + b"".join(source.read_bytes() for source in files)).hexdigest()[:10]
     name = f"darl_infer_cpu_{level.lower() if flags else 'portable'}_{digest}"
     build = Path(os.environ.get("DARL_INFER_CACHE", Path.home() / ".cache" / "darl_infer")) / "cpu_kernels" / name
     if not (build / f"{name}.so").exists():

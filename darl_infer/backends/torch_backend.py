@@ -8,8 +8,8 @@ round's prefixes not found in the LRU of recent prefixes run packed in the same 
 its first chunk (prefix_runner.JointPass), one pass fewer than running them first.
 
 HF's modules run the layers, with the attention swapped (attention_hook.py); on a GPU the fused
-modules (fused_modules.py); on a CPU the norms by a C++ kernel (kernels/rms_norm_cpu.cpp, eager
-only) and, in bf16, the gated MLPs with oneDNN's post-ops (onednn_mlp.py).
+modules (fused_modules.py); on a CPU the attention and (eager layers) the norms by C++ kernels
+(kernels/*_cpu.cpp) and, in bf16, the gated MLPs with oneDNN's post-ops (onednn_mlp.py).
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ class TorchBackend:
     # PyTorch's fused SDPA: the reference's math (tests/test_sdpa_attention.py) without its
     # separate scale / mask / softmax passes and fp32 round trips (bench/RESULTS.md, issue 16). On a
     # CPU the C++ kernel instead (kernels/shared_prefix_attention_cpu.cpp; bench/cpu_kernels.py, a
-    # 100-item query on a 2-core Xeon: fp32 -5 %, bf16 -4 to -5 %)
+    # 100-item query on a 2-core Xeon: fp32 -3 % eager and -9 % compiled, bf16 -4 %)
     attention_op = staticmethod(shared_prefix_attention_sdpa)
     head_op = staticmethod(classification_head_reference)
     # between the matmuls of the fused q/k/v and gate/up projections (fused_modules.py); HF's norms
