@@ -35,7 +35,7 @@ _BUILD_LOCK = threading.Lock()  # one build per process; torch's loader locks ac
 
 def sources() -> list[Path]:
     # the attention calls MKL's matmuls, which PyTorch links on x86 (ATen's wrappers are not exported)
-    names = ["rms_norm_cpu.cpp"] + (["shared_prefix_attention_cpu.cpp"] if torch.backends.mkl.is_available() else [])
+    names = ["rms_norm_cpu.cpp", "rotary_cpu.cpp"] + (["shared_prefix_attention_cpu.cpp"] if torch.backends.mkl.is_available() else [])
     return [HERE / name for name in names]
 
 
@@ -73,7 +73,12 @@ def _build():
     # different CPUs (a home folder on a network drive), or kept across a torch upgrade, never loads
     # code built for another
     files = sources()
-    digest = hashlib.sha1(torch.__version__.encode() + b"".join(source.read_bytes() for source in files)).hexdigest()[:10]
+    # no fused multiply-adds where the source has a product and a sum: the kernels round as PyTorch's
+    # ops; OpenMP: at::parallel_for runs serially without it (it links the libgomp torch has loaded)
+    cflags = ["-O3", "-ffp-contract=off", "-fopenmp", *flags]
+    digest = hashlib.sha1(
+        " ".join([torch.__version__, *cflags]).encode() + b"".join(source.read_bytes() for source in files)
+    ).hexdigest()[:10]
     name = f"darl_infer_cpu_{level.lower() if flags else 'portable'}_{digest}"
     build = Path(os.environ.get("DARL_INFER_CACHE", Path.home() / ".cache" / "darl_infer")) / "cpu_kernels" / name
     if not (build / f"{name}.so").exists():
@@ -81,7 +86,7 @@ def _build():
     try:
         build.mkdir(parents=True, exist_ok=True)
         cpp_extension.load(
-            name=name, sources=[str(source) for source in files], extra_cflags=["-O3", *flags],
+            name=name, sources=[str(source) for source in files], extra_cflags=cflags, extra_ldflags=["-fopenmp"],
             build_directory=str(build), is_python_module=False, verbose=False,
         )
     except Exception as error:  # no compiler, no ninja, a header torch no longer ships: PyTorch's path

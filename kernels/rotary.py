@@ -108,3 +108,29 @@ def rotary(
                 BLOCK_R=block_r, BLOCK_HALF=block_half,
             )
     return out
+
+
+# --- C++ kernel (CPU) ----------------------------------------------------------------------------
+# kernels/rotary_cpu.cpp: each (token, head) row read once, normalised and rotated in fp32, written once
+
+NORM_CODES = {None: 0, "llama": 1, "gemma": 2}  # rotary_cpu.cpp's `Norm`
+
+
+def rotary_cpu(
+    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+    norm_weight: torch.Tensor | None = None, eps: float = 0.0, norm_variant: str = "llama",
+) -> torch.Tensor:
+    """The C++ kernel (kernels/cpu_extension.py must have built it: `has("rotary")`); same arguments
+    and result as `rotary_reference`. It takes fp32 or bf16 x, cos, sin and norm weight of one dtype
+    (as a fp32 or bf16 model gives them); other inputs get the reference."""
+    check_variant(norm_variant)
+    dtypes = {x.dtype, cos.dtype, sin.dtype} | ({norm_weight.dtype} if norm_weight is not None else set())
+    if dtypes not in ({torch.float32}, {torch.bfloat16}):
+        return rotary_reference(x, cos, sin, norm_weight, eps, norm_variant)
+    B, T, H, D = x.shape
+    if cos.shape != (B, T, D) or sin.shape != cos.shape:
+        raise ValueError(f"shapes do not match: x {tuple(x.shape)}, cos {tuple(cos.shape)}, sin {tuple(sin.shape)}")
+    weight = norm_weight if norm_weight is not None else x.new_empty(0)
+    code = NORM_CODES[norm_variant if norm_weight is not None else None]
+    out = torch.ops.darl_infer_cpu.rotary(x.reshape(B * T, H, D), cos.reshape(B * T, D), sin.reshape(B * T, D), weight, eps, code)
+    return out.view(B, T, H, D)

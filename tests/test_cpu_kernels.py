@@ -3,6 +3,7 @@ PyTorch reference, and through the Scorer (the torch backend on a CPU runs them)
 reference backend. A failed build fails these tests rather than skipping them: only
 DARL_INFER_CPU_KERNELS=0 turns them off."""
 
+import dataclasses
 import random
 
 import numpy as np
@@ -12,9 +13,11 @@ import torch
 from conftest import ARCHS, ragged_items
 from darl_infer import Scorer
 from darl_infer.backends import torch_backend
+from darl_infer.backends.torch_backend import TorchBackend
 from darl_infer.backends.fused_modules import known_norm
 from darl_infer.kernels import cpu_extension
 from darl_infer.kernels.rms_norm import rms_norm_cpu, rms_norm_reference
+from darl_infer.kernels.rotary import rotary_cpu, rotary_reference
 from darl_infer.kernels.shared_prefix_attention import shared_prefix_attention_cpu, shared_prefix_attention_reference
 from test_kernels import HEAD_LAYOUTS, ITEM_LENGTHS, ODD_HEAD_DIM, assert_attention_matches, attention_inputs
 from tiny_models import random_text
@@ -58,6 +61,48 @@ def test_rms_norm_other_dtypes_get_the_reference():
     assert torch.equal(rms_norm_cpu(x, w, 1e-6, "llama"), rms_norm_reference(x, w, 1e-6, "llama"))
     with pytest.raises(ValueError, match="unknown norm_variant"):
         rms_norm_cpu(x, w, 1e-6, "layer")
+
+
+def _rotary_inputs(shape, dtype, seed):
+    """x as a slice of a fused q/k/v projection's output (rows 2H + 1 heads apart), cos and sin as
+    HF's rotary module gives them (the angles repeated over the two halves)."""
+    B, T, H, D = shape
+    g = torch.Generator().manual_seed(seed)
+    x = (3 * torch.randn(B, T, (2 * H + 1) * D, generator=g))[..., : H * D].view(B, T, H, D)
+    angles = 50 * torch.rand(B, T, D // 2, generator=g)
+    angles = torch.cat([angles, angles], dim=-1)
+    weight = torch.randn(D, generator=g) / 2
+    return x.to(dtype), angles.cos().to(dtype), angles.sin().to(dtype), weight.to(dtype)
+
+
+@pytest.mark.parametrize("norm", [None, "llama", "gemma"])
+@pytest.mark.parametrize("shape", [(1, 50, 4, 256), (2, 9, 3, 80), (1, 7, 1, 10), (1, 0, 4, 64)])  # Gemma-3's q; tails
+def test_rotary_matches_the_reference(shape, norm):
+    for dtype in (torch.float32, torch.bfloat16):
+        x, cos, sin, weight = _rotary_inputs(shape, dtype, sum(shape))
+        args = (weight, 1e-6, norm) if norm else ()
+        got, want = rotary_cpu(x, cos, sin, *args), rotary_reference(x, cos, sin, *args)
+        assert got.shape == want.shape and got.dtype == want.dtype and got.is_contiguous()
+        if norm is None or dtype == torch.float32:
+            # the reference's products and sums, rounded alike; fp32's norm differs in the order of its sum
+            torch.testing.assert_close(got, want, rtol=2e-6 if norm else 0, atol=1e-6 if norm else 0)
+        else:  # the norm rounded to bf16 first: a value on a rounding boundary may move by its last bit
+            ulp = 2.0 ** (torch.floor(torch.log2(want.float().abs().clamp_min(1e-30))) - 7)
+            assert ((got.float() - want.float()).abs() <= 2 * ulp).all()
+            assert (got != want).sum() <= 1e-3 * want.numel()
+
+
+def test_rotary_checks_its_inputs_and_leaves_other_dtypes_to_the_reference():
+    x, cos, sin, weight = _rotary_inputs((1, 6, 2, 8), torch.float16, 0)
+    assert torch.equal(rotary_cpu(x, cos, sin, weight, 1e-6, "gemma"), rotary_reference(x, cos, sin, weight, 1e-6, "gemma"))
+    x, cos, sin, weight = _rotary_inputs((1, 6, 2, 8), torch.float32, 0)
+    with pytest.raises(ValueError, match="shapes do not match"):
+        rotary_cpu(x, cos[:, :5], sin[:, :5])
+    with pytest.raises(RuntimeError, match="weight must be"):
+        rotary_cpu(x, cos, sin, weight[:4], 1e-6, "llama")
+    with pytest.raises(ValueError, match="unknown norm_variant"):
+        rotary_cpu(x, cos, sin, weight, 1e-6, "layer")
+    assert torch.equal(rotary_cpu(x, cos, sin, weight.double(), 1e-6, "llama"), rotary_reference(x, cos, sin, weight.double(), 1e-6, "llama"))
 
 
 needs_the_attention = pytest.mark.skipif(not torch.backends.mkl.is_available(), reason="the C++ attention calls MKL")
@@ -128,19 +173,31 @@ def _norms(scorer):
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
-@pytest.mark.parametrize("arch", ARCHS)  # llama and qwen2 norms, gemma3's (with q/k norms)
-def test_torch_backend_with_cpu_norms_matches_the_reference(monkeypatch, tiny_checkpoints, arch, dtype):
-    calls = []
-    monkeypatch.setattr(torch_backend, "rms_norm_cpu", lambda *args: calls.append(1) or rms_norm_cpu(*args))
+@pytest.mark.parametrize("arch", ARCHS)  # llama and qwen2 norms, gemma3's (with q/k norms); qwen2's q/k/v biases
+def test_torch_backend_with_cpu_kernels_matches_the_reference(monkeypatch, tiny_checkpoints, arch, dtype):
+    calls = {"rms_norm": 0, "rotary": 0}
+
+    def counted(name, op):
+        return lambda *args: calls.__setitem__(name, calls[name] + 1) or op(*args)
+
+    ops = TorchBackend.cpu_elementwise_ops
+    monkeypatch.setattr(TorchBackend, "cpu_elementwise_ops", dataclasses.replace(
+        ops, rms_norm=counted("rms_norm", ops.rms_norm), rotary=counted("rotary", ops.rotary)
+    ))
     rng = random.Random(f"cpu-norms-{arch}-{dtype}")
     query, items = random_text(rng, rng.randint(1, 12)), ragged_items(rng, 30)
     reference = Scorer.from_pretrained(tiny_checkpoints[arch], backend="reference", dtype=dtype).score(query, items)
     scorer = Scorer.from_pretrained(tiny_checkpoints[arch], backend="torch", dtype=dtype, token_budget=60)
     got = scorer.score(query, items)
-    norms = _norms(scorer)
+    norms, layers = _norms(scorer), scorer.backend.model.config.num_hidden_layers
     assert all("darl_rms_norm" in vars(norm) for norm in norms)
+    assert [p.name for p in scorer.backend.fused_projections] == ["qkv"] * layers  # HF's MLPs
+    mlps = [m for m in scorer.backend.model.modules() if hasattr(m, "gate_proj")]
+    assert all(("darl_post_op" in vars(m)) == (dtype == "bf16") for m in mlps)  # oneDNN's post-ops in bf16
     assert scorer.backend.runner.attention_op is shared_prefix_attention_cpu
-    assert len(calls) >= len(norms) - 1  # every norm but the final one (the head applies it) in each pass
+    passes = calls["rotary"] // (2 * layers)  # q and k in each layer of each pass
+    assert passes >= 2 and calls["rotary"] == 2 * layers * passes
+    assert calls["rms_norm"] >= passes * (len(norms) - 1 - (2 * layers if arch == "gemma3" else 0))  # q/k norms: in the rotary
     assert np.abs(got.probs - reference.probs).max() <= (1e-5 if dtype == "fp32" else 2e-2)
 
 

@@ -3,12 +3,12 @@ ops (the Triton kernels, or their PyTorch references), with the modules' math an
 - the attention of Llama (SmolLM2), Qwen2, Qwen3 and Gemma-3: q, k and v from one matmul, q's and
   k's per-head norm (Qwen3, Gemma-3) and rotary embedding by the rotary op (kernels/rotary.py),
   then the attention hook as HF calls it;
-- their gated MLPs: gate and up from one matmul, act(gate) * up by the gated op
-  (kernels/gated_activation.py);
+- their gated MLPs (where the backend has a gated op): gate and up from one matmul, act(gate) * up
+  by the gated op (kernels/gated_activation.py);
 - with a norm op, every known RMSNorm (kernels/rms_norm.py; without, HF's modules run).
 On a GPU a pass is bound by kernel launches up to thousands of items: with the kernels a 10-item
-query on Gemma-3 makes 384 launches instead of 636 (H200). The torch backend uses these modules on
-a GPU only (TorchBackend.uses_fused_modules says why not on a CPU).
+query on Gemma-3 makes 384 launches instead of 636 (H200). On a CPU the torch backend uses them
+eager, with its C++ kernels and HF's MLPs (TorchBackend.uses_fused_modules).
 A module of another class runs HF's forward. Swapped once when the backend is built, on the model
 it was given (as the attention hook is); outside darl_infer's forward passes the modules run HF's
 forward, so other users of the model (training it, say) are unaffected.
@@ -78,11 +78,11 @@ def activation_of(act_fn: torch.nn.Module) -> str | None:
 @dataclass(frozen=True)
 class ElementwiseOps:
     """What runs between the matmuls: `rotary` and `gated` with the signatures of kernels/rotary.py's
-    and kernels/gated_activation.py's functions; `rms_norm` with kernels/rms_norm.py's, or None for
-    HF's norm modules."""
+    and kernels/gated_activation.py's functions, `gated` None for HF's MLP modules; `rms_norm` with
+    kernels/rms_norm.py's, or None for HF's norm modules."""
 
     rotary: Callable
-    gated: Callable
+    gated: Callable | None
     rms_norm: Callable | None = None
 
 
@@ -138,7 +138,7 @@ def use_fused_modules(decoder: torch.nn.Module, ops: ElementwiseOps) -> list[Fus
             module.darl_rotary = ops.rotary
             module.darl_head_norm = known_norm(getattr(module, "q_norm", None))  # k's is alike (_head_norms_known)
             module.forward = types.MethodType(_fused_attention, module)
-        elif is_one_of(module, KNOWN_MLP) and plain_linears(module.gate_proj, module.up_proj) and (activation := activation_of(module.act_fn)) is not None:
+        elif ops.gated is not None and is_one_of(module, KNOWN_MLP) and plain_linears(module.gate_proj, module.up_proj) and (activation := activation_of(module.act_fn)) is not None:
             fused.append(FusedProjection(module, "gate_up", [module.gate_proj, module.up_proj]))
             module.darl_gated, module.darl_activation = ops.gated, activation
             module.forward = types.MethodType(_fused_mlp, module)

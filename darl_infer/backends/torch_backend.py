@@ -8,8 +8,9 @@ round's prefixes not found in the LRU of recent prefixes run packed in the same 
 its first chunk (prefix_runner.JointPass), one pass fewer than running them first.
 
 HF's modules run the layers, with the attention swapped (attention_hook.py); on a GPU the fused
-modules (fused_modules.py); on a CPU the attention and (eager layers) the norms by C++ kernels
-(kernels/*_cpu.cpp) and, in bf16, the gated MLPs with oneDNN's post-ops (onednn_mlp.py).
+modules (fused_modules.py); on a CPU the attention by a C++ kernel and, eager, the fused modules with the C++ kernels
+between the matmuls (kernels/*_cpu.cpp); compiled on a CPU, HF's modules, in bf16 the gated MLPs
+with oneDNN's post-ops (onednn_mlp.py).
 """
 
 from __future__ import annotations
@@ -23,14 +24,14 @@ from darl_infer.kernels.classification_head import classification_head_reference
 from darl_infer.kernels.cpu_extension import cpu_ops, has
 from darl_infer.kernels.gated_activation import gated_activation_reference
 from darl_infer.kernels.rms_norm import rms_norm_cpu
-from darl_infer.kernels.rotary import rotary_reference
+from darl_infer.kernels.rotary import rotary_cpu, rotary_reference
 from darl_infer.kernels.shared_prefix_attention import shared_prefix_attention_cpu
 
 from ..template import Encoded
 from .sdpa_attention import shared_prefix_attention_sdpa
 from .chunking import length_sorted_chunks, prefix_rounds
 from .compiled_layers import compile_decoder_layers, gated_activation_for_inductor
-from .fused_modules import KNOWN_NORMS, ElementwiseOps, known_norm, use_fused_modules, use_norm_op
+from .fused_modules import KNOWN_NORMS, ElementwiseOps, known_norm, use_fused_modules
 from .onednn_mlp import use_onednn_mlps
 from .prefix_cache import PrefixLRU
 from .prefix_runner import PrefixKV, PrefixRunner
@@ -67,6 +68,9 @@ class TorchBackend:
     head_op = staticmethod(classification_head_reference)
     # between the matmuls of the fused q/k/v and gate/up projections (fused_modules.py); HF's norms
     elementwise_ops = ElementwiseOps(rotary=rotary_reference, gated=gated_activation_reference)
+    # on a CPU, eager, by the C++ kernels (kernels/*_cpu.cpp), the MLPs HF's modules (in bf16 with
+    # oneDNN's post-ops, onednn_mlp.py: faster there than one gate/up matmul and a gated kernel)
+    cpu_elementwise_ops = ElementwiseOps(rotary=rotary_cpu, gated=None, rms_norm=rms_norm_cpu)
 
     def __init__(self, model, token_budget: int | None = None, compile: bool = False):
         """`token_budget`: tokens per forward pass: the items of one pass, the distinct prefixes of
@@ -83,20 +87,21 @@ class TorchBackend:
             raise NotImplementedError("a classification head with a bias is not supported; use backend='reference'")
         self.model = model
         self.device = model.device
+        self.compiled = compile
         self.token_budget = token_budget if token_budget is not None else DEFAULT_TOKEN_BUDGET.get(self.device.type, 2048)
         decoder = getattr(model, model.base_model_prefix)
-        self.fused_projections = []
+        self.fused_projections, ops = [], None
         if self.uses_fused_modules():
             ops = self.elementwise_ops
-            self.fused_projections = use_fused_modules(
-                decoder, dataclasses.replace(ops, gated=gated_activation_for_inductor) if compile else ops
-            )
-        elif self.device.type == "cpu":
-            use_onednn_mlps(decoder)
-            if not compile and cpu_ops() is not None:  # compiled layers fuse the norms themselves
-                use_norm_op(decoder, rms_norm_cpu)
-            if model.dtype in (torch.float32, torch.bfloat16) and has("shared_prefix_attention"):
-                self.attention_op = shared_prefix_attention_cpu
+            if compile:
+                ops = dataclasses.replace(ops, gated=gated_activation_for_inductor)
+            elif self.uses_cpu_kernels():
+                ops = self.cpu_elementwise_ops
+            self.fused_projections = use_fused_modules(decoder, ops)
+        if self.device.type == "cpu" and (ops is None or ops.gated is None):
+            use_onednn_mlps(decoder)  # HF's MLP modules, in bf16
+        if self.uses_cpu_kernels() and has("shared_prefix_attention"):
+            self.attention_op = shared_prefix_attention_cpu
         if compile:
             compile_decoder_layers(decoder)
         self.turns = TakingTurns()
@@ -108,13 +113,18 @@ class TorchBackend:
         # result goes unused: the Scorer weighs the probabilities with the checkpoint's grade values.
         self.grade_indices = torch.arange(model.config.num_labels, dtype=torch.float32, device=self.device)
 
+    def uses_cpu_kernels(self) -> bool:
+        """The C++ CPU kernels (kernels/*_cpu.cpp) run this backend's attention and elementwise work:
+        on a CPU, for a fp32 or bf16 model, where they are built."""
+        return self.device.type == "cpu" and self.model.dtype in (torch.float32, torch.bfloat16) and cpu_ops() is not None
+
     def uses_fused_modules(self) -> bool:
-        """One matmul for q/k/v and one for gate/up (fused_modules.py) on a GPU, where a pass is bound
-        by its kernel launches. Not on a CPU: there the gain was within the run-to-run noise (2-core
-        Xeon, N = 100: fp32 +10 % in one run, -1 % in the next; bf16 -6 to +3 %), and the weights a
-        checkpoint maps from its file stay resident beside their fused copy (default model, fp32:
-        +180 MB anonymous and +190 MB file-backed; bench/RESULTS.md)."""
-        return self.device.type == "cuda"
+        """One matmul for q/k/v and one for gate/up (fused_modules.py): on a GPU, where a pass is
+        bound by its kernel launches; on a CPU with the C++ kernels between them (eager), where it
+        is bound by the passes over memory between the matmuls (2-core AMX Xeon, 100-item queries:
+        bench/cpu_layers.py, bench/RESULTS.md). Compiled on a CPU, HF's modules: inductor fuses
+        their elementwise work itself."""
+        return self.device.type == "cuda" or (self.uses_cpu_kernels() and not self.compiled)
 
     def head(self, hidden: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
         """Grade probabilities (N, K) from the packed pre-norm hidden states of N items."""

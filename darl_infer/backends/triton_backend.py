@@ -51,3 +51,6 @@ class TritonBackend(TorchBackend):
 
     def uses_fused_modules(self) -> bool:
         return True  # the kernels run there (on a CPU only in Triton's interpreter, for the tests)
+
+    def uses_cpu_kernels(self) -> bool:
+        return False  # its own kernels, also in Triton's interpreter

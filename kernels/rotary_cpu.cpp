@@ -1,0 +1,122 @@
+// Rotary embedding of queries or keys, with the per-head RMSNorm before it (Qwen3, Gemma-3), on the
+// CPU: kernels/rotary.py's math (`rotary_reference`, Hugging Face's modules) with its rounding, fp32
+// or bf16, built by kernels/cpu_extension.py. Each (token, head) row is read once, normalised and
+// rotated in fp32 while in cache, each step rounded to the dtype where the reference rounds, and
+// written once, (T, H, D) contiguous: as PyTorch ops the pair is ~14 passes (two products, two
+// slices, a negation, a concatenation, a sum, and the norm's ~8).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <vector>
+
+namespace {
+
+using Vec = at::vec::Vectorized<float>;
+enum Norm { kNone = 0, kLlama = 1, kGemma = 2 };
+
+// v rounded to T (bf16: to nearest even, as a PyTorch op's result is) and back to fp32
+template <typename T>
+Vec rounded(Vec v) {
+  if constexpr (std::is_same_v<T, float>) {
+    return v;
+  } else {
+    return std::get<0>(at::vec::convert_bfloat16_float(at::vec::convert_float_bfloat16(v, v)));
+  }
+}
+
+float lane_sum(const Vec& v) {
+  float lanes[Vec::size()];
+  v.store(lanes);
+  float sum = 0.f;
+  for (float x : lanes) sum += x;
+  return sum;
+}
+
+template <typename T>
+void rotary_rows(const T* x, int64_t token_stride, int64_t head_stride, const T* cos, int64_t cos_stride, const T* sin,
+                 int64_t sin_stride, const T* weight, T* out, int64_t tokens, int64_t H, int64_t D, float eps, Norm norm) {
+  const int64_t half = D / 2;
+  at::parallel_for(0, tokens * H, std::max<int64_t>(1, 16384 / D), [&](int64_t begin, int64_t end) {
+    std::vector<float> row(D), w(D), c(D), s(D), y(D);
+    if (norm != kNone) {
+      at::vec::convert(weight, w.data(), D);
+      if (norm == kGemma)
+        for (auto& wd : w) wd += 1.f;
+    }
+    int64_t angles_of = -1;  // the token whose cos and sin are in c and s
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t t = r / H, h = r % H;
+      at::vec::convert(x + t * token_stride + h * head_stride, row.data(), D);
+      if (t != angles_of) {
+        at::vec::convert(cos + t * cos_stride, c.data(), D);
+        at::vec::convert(sin + t * sin_stride, s.data(), D);
+        angles_of = t;
+      }
+      if (norm != kNone) {
+        Vec squares(0.f);
+        int64_t d = 0;
+        for (; d + Vec::size() <= D; d += Vec::size()) squares = at::vec::fmadd(Vec::loadu(&row[d]), Vec::loadu(&row[d]), squares);
+        float sum = lane_sum(squares);
+        for (; d < D; ++d) sum += row[d] * row[d];
+        const Vec inv_rms(1.f / std::sqrt(sum / D + eps));
+        for (d = 0; d < D; d += Vec::size()) {
+          const int64_t n = std::min<int64_t>(Vec::size(), D - d);
+          const Vec xd = Vec::loadu(&row[d], n), wd = Vec::loadu(&w[d], n);
+          // "gemma": ((x * inv_rms) * (1 + w)), rounded; "llama": w * (x * inv_rms rounded), rounded
+          const Vec normed = norm == kGemma ? rounded<T>((xd * inv_rms) * wd) : rounded<T>(wd * rounded<T>(xd * inv_rms));
+          normed.store(&row[d], n);
+        }
+      }
+      // rotate_half(x) = (-x2, x1); each product rounded before the sum, as PyTorch's ops round
+      for (int64_t d = 0; d < half; d += Vec::size()) {
+        const int64_t n = std::min<int64_t>(Vec::size(), half - d);
+        const Vec x1 = Vec::loadu(&row[d], n), x2 = Vec::loadu(&row[half + d], n);
+        const Vec y1 = rounded<T>(rounded<T>(x1 * Vec::loadu(&c[d], n)) + rounded<T>(x2.neg() * Vec::loadu(&s[d], n)));
+        const Vec y2 = rounded<T>(rounded<T>(x2 * Vec::loadu(&c[half + d], n)) + rounded<T>(x1 * Vec::loadu(&s[half + d], n)));
+        y1.store(&y[d], n);
+        y2.store(&y[half + d], n);
+      }
+      at::vec::convert(y.data(), out + r * D, D);
+    }
+  });
+}
+
+// x (T, H, D), any strides with a unit one along D; cos, sin (T, D); weight (D,) or empty: no norm
+at::Tensor rotary(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& weight, double eps, int64_t norm) {
+  TORCH_CHECK(x.dim() == 3 && x.size(2) % 2 == 0, "rotary: x must be (T, H, D) with D even, got ", x.sizes());
+  const int64_t T = x.size(0), H = x.size(1), D = x.size(2);
+  TORCH_CHECK(cos.dim() == 2 && cos.size(0) == T && cos.size(1) == D && sin.sizes() == cos.sizes(),
+              "rotary: cos and sin must be (", T, ", ", D, "), got ", cos.sizes(), " and ", sin.sizes());
+  TORCH_CHECK(norm == kNone || (weight.dim() == 1 && weight.size(0) == D), "rotary: the norm's weight must be (", D, ",)");
+  TORCH_CHECK(norm >= kNone && norm <= kGemma, "rotary: unknown norm ", norm);
+  for (const auto& t : {cos, sin})
+    TORCH_CHECK(t.scalar_type() == x.scalar_type(), "rotary: x, cos and sin must share one dtype");
+  TORCH_CHECK(norm == kNone || weight.scalar_type() == x.scalar_type(), "rotary: the norm's weight must be in x's dtype");
+  auto xs = x.stride(2) == 1 ? x : x.contiguous();
+  auto cs = cos.stride(1) == 1 ? cos : cos.contiguous(), ss = sin.stride(1) == 1 ? sin : sin.contiguous();
+  auto wc = weight.contiguous();
+  auto out = at::empty({T, H, D}, x.options());
+  auto run = [&](auto* type_tag) {
+    using T_ = std::remove_pointer_t<decltype(type_tag)>;
+    rotary_rows(xs.data_ptr<T_>(), xs.stride(0), xs.stride(1), cs.data_ptr<T_>(), cs.stride(0), ss.data_ptr<T_>(), ss.stride(0),
+                norm == kNone ? nullptr : wc.data_ptr<T_>(), out.data_ptr<T_>(), T, H, D, eps, static_cast<Norm>(norm));
+  };
+  if (x.scalar_type() == at::kFloat)
+    run(static_cast<float*>(nullptr));
+  else if (x.scalar_type() == at::kBFloat16)
+    run(static_cast<at::BFloat16*>(nullptr));
+  else
+    TORCH_CHECK(false, "rotary: float32 or bfloat16 only, got ", x.scalar_type());
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(darl_infer_cpu, m) {
+  m.def("rotary(Tensor x, Tensor cos, Tensor sin, Tensor weight, float eps, int norm) -> Tensor");
+  m.impl("rotary", c10::DispatchKey::CPU, &rotary);
+}
