@@ -4,6 +4,7 @@ reference backend. A failed build fails these tests rather than skipping them: o
 DARL_INFER_CPU_KERNELS=0 turns them off."""
 
 import dataclasses
+import os
 import random
 
 import numpy as np
@@ -213,6 +214,17 @@ def test_compiled_layers_and_the_switch_keep_hf_s_norms(monkeypatch, tiny_checkp
     switched_off = Scorer.from_pretrained(tiny_checkpoints["gemma3"], backend="torch", dtype="fp32")
     assert not any("darl_rms_norm" in vars(norm) for norm in _norms(switched_off))
     assert switched_off.backend.runner.attention_op is torch_backend.shared_prefix_attention_sdpa
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="reads Linux's map of the loaded libraries")
+def test_the_ops_run_on_torch_s_threads():
+    """Built with OpenMP: without it at::parallel_for compiles to a serial loop and every op runs on
+    one core (as session 19's build did), so the library calls libgomp's parallel region."""
+    with open("/proc/self/maps") as maps:
+        libraries = {line.split()[-1] for line in maps if "darl_infer_cpu_" in line and line.rstrip().endswith(".so")}
+    assert len(libraries) == 1, libraries
+    with open(libraries.pop(), "rb") as library:
+        assert b"GOMP_parallel" in library.read()
 
 
 def test_a_failed_build_warns_and_leaves_pytorch_s_path(monkeypatch):
