@@ -1,12 +1,17 @@
-"""The C++ RMSNorm (kernels/rms_norm_cpu.cpp, the torch backend's norms on a CPU) against HF's modules.
+"""The C++ CPU kernels (kernels/*_cpu.cpp) against what the torch backend ran before them.
 
-    python bench/cpu_norms.py --dtype bf16 --rounds 5 [--deviation]
+    python bench/cpu_kernels.py --kernel norms|attention|layers --dtype bf16 --rounds 5 [--deviation]
 
-1. The default model's norms alone at --tokens rows (the layer norm on (tokens, 640), the per-head
-   q and k norms on (tokens, 4, 256) and (tokens, 1, 256)): HF's module, then the kernel.
-2. The torch backend (eager) on the bench workload (3 queries x --items items, 64-token
-   instruction), the two norms swapped in and out in alternating rounds in one process (the
-   machine's drift hits both): ms per query, min and median.
+--kernel norms: the C++ RMSNorm against HF's modules; attention: the C++ shared-prefix attention
+against PyTorch's SDPA; layers: the eager CPU path (the fused attention modules with the C++ norm
+and rotary, HF's MLPs) against HF's modules with the C++ norms (a second copy of the model).
+
+1. The op alone (norms, attention): the default model's norms at --tokens rows (the layer norm on
+   (tokens, 640), the per-head q and k norms on (tokens, 4, 256) and (tokens, 1, 256)), or one
+   layer's attention over --items items: the old op, then the kernel.
+2. The torch backend on the bench workload (3 queries x --items items, 64-token instruction), the
+   two variants in alternating rounds in one process (the machine's drift hits both): ms per
+   query, min and median.
 3. --deviation: each item's max |Δprob| against the fp32 reference backend (every pair alone), for
    both: max, mean, and how many items are past the dtype's tolerance (fp32 1e-5, bf16 2e-2).
 """
@@ -17,16 +22,19 @@ import argparse
 import dataclasses
 import time
 import types
+from unittest import mock
 
 import numpy as np
 import torch
 
 from darl_infer import Scorer
 from darl_infer.backends.attention_hook import active
-from darl_infer.backends.fused_modules import known_norm
+from darl_infer.backends.fused_modules import known_norm, use_norm_op
+from darl_infer.backends.torch_backend import TorchBackend
 from darl_infer.backends.prefix_runner import PrefixPass
 from darl_infer.backends.sdpa_attention import shared_prefix_attention_sdpa
 from darl_infer.checkpoint import CheckpointSpec, resolve_checkpoint
+from darl_infer.kernels.rms_norm import rms_norm_cpu
 from darl_infer.kernels.shared_prefix_attention import shared_prefix_attention_cpu
 from darl_infer.loading import load_checkpoint_model
 from darl_infer.template import Template
@@ -39,7 +47,7 @@ TOLERANCE = {"fp32": 1e-5, "bf16": 2e-2}
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--kernel", default="norms", choices=["norms", "attention"])
+    ap.add_argument("--kernel", default="norms", choices=["norms", "attention", "layers"])
     ap.add_argument("--dtype", default="bf16", choices=list(DTYPES))
     ap.add_argument("--tokens", type=int, default=2500, help="rows of the op alone")
     ap.add_argument("--items", type=int, default=100)
@@ -80,7 +88,7 @@ def main() -> None:
                 for name in variants:
                     use(name)
                     print(f"{label} alone, {tuple(shape)}, {args.dtype}: {name} {best_ms(lambda: norm(x)) * 1000:.0f} us")
-    else:
+    elif args.kernel == "attention":
         runner = scorer.backend.runner
         if runner.attention_op is not shared_prefix_attention_cpu:
             raise SystemExit("the torch backend does not use the C++ attention (CPU kernels disabled or not built?)")
@@ -98,6 +106,20 @@ def main() -> None:
         for name, op in variants.items():
             ms = best_ms(lambda: op(q, k, v, prefix_k, prefix_v, cu, D ** -0.5))
             print(f"one layer's attention alone, {args.items} items, {T} tokens, 80-token prefix, {args.dtype}: {name} {ms:.2f} ms")
+    else:
+        if args.compile or not scorer.backend.fused_projections:
+            raise SystemExit("the torch backend does not run the fused modules (compile=True, or CPU kernels disabled or not built?)")
+        hf_model, _ = load_checkpoint_model(checkpoint, CheckpointSpec.load(checkpoint), dtype, torch.device("cpu"))
+        with mock.patch.object(TorchBackend, "uses_fused_modules", lambda self: False):
+            hf_modules = Scorer(hf_model, tokenizer, spec, backend="torch")
+        use_norm_op(hf_model.model, rms_norm_cpu)  # as the backend did before the C++ rotary
+        scorers = {"hf modules": hf_modules, "fused": scorer}
+
+        def use(name: str) -> None:
+            nonlocal scorer
+            scorer = scorers[name]
+
+        variants = scorers
 
     queries = case.queries
     times = {name: [] for name in variants}
