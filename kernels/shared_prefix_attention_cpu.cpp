@@ -17,6 +17,7 @@
 // attention does.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
@@ -98,9 +99,7 @@ void scale_range(const float* s, T* out, int64_t a, int64_t b, float factor) {
     if constexpr (std::is_same_v<T, float>) {
       x.store(out + j, n);
     } else {
-      float lanes[Vec::size()];
-      x.store(lanes, n);
-      at::vec::convert(lanes, out + j, n);
+      at::vec::convert_from_float<T>(x, x).store(out + j, n);  // the first n of the low half
     }
   }
 }
