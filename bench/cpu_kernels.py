@@ -3,8 +3,8 @@
     python bench/cpu_kernels.py --kernel norms|attention|layers --dtype bf16 --rounds 5 [--deviation]
 
 --kernel norms: the C++ RMSNorm against HF's modules; attention: the C++ shared-prefix attention
-against PyTorch's SDPA; layers: the eager CPU path (the fused attention modules with the C++ norm
-and rotary, HF's MLPs) against HF's modules with the C++ norms (a second copy of the model).
+against PyTorch's SDPA; layers: the CPU path (the fused attention modules, eager with the C++ norm
+and rotary, HF's MLPs) against HF's modules (eager with the C++ norms; a second copy of the model).
 
 1. The op alone (norms, attention): the default model's norms at --tokens rows (the layer norm on
    (tokens, 640), the per-head q and k norms on (tokens, 4, 256) and (tokens, 1, 256)), or one
@@ -53,7 +53,7 @@ def main() -> None:
     ap.add_argument("--items", type=int, default=100)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--compile", action="store_true", help="compiled layers (attention only)")
+    ap.add_argument("--compile", action="store_true", help="compiled layers (attention, layers)")
     ap.add_argument("--deviation", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -107,12 +107,13 @@ def main() -> None:
             ms = best_ms(lambda: op(q, k, v, prefix_k, prefix_v, cu, D ** -0.5))
             print(f"one layer's attention alone, {args.items} items, {T} tokens, 80-token prefix, {args.dtype}: {name} {ms:.2f} ms")
     else:
-        if args.compile or not scorer.backend.fused_projections:
-            raise SystemExit("the torch backend does not run the fused modules (compile=True, or CPU kernels disabled or not built?)")
+        if not scorer.backend.fused_projections:
+            raise SystemExit("the torch backend does not run the fused modules (CPU kernels disabled or not built?)")
         hf_model, _ = load_checkpoint_model(checkpoint, CheckpointSpec.load(checkpoint), dtype, torch.device("cpu"))
         with mock.patch.object(TorchBackend, "uses_fused_modules", lambda self: False):
-            hf_modules = Scorer(hf_model, tokenizer, spec, backend="torch")
-        use_norm_op(hf_model.model, rms_norm_cpu)  # as the backend did before the C++ rotary
+            hf_modules = Scorer(hf_model, tokenizer, spec, backend="torch", **({"compile": True} if args.compile else {}))
+        if not args.compile:
+            use_norm_op(hf_model.model, rms_norm_cpu)  # as the eager backend did before the C++ rotary
         scorers = {"hf modules": hf_modules, "fused": scorer}
 
         def use(name: str) -> None:

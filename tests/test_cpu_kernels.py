@@ -210,9 +210,13 @@ def test_fp16_keeps_pytorch_s_attention(tiny_checkpoints):
 def test_compiled_layers_and_the_switch_keep_hf_s_norms(monkeypatch, tiny_checkpoints):
     compiled = Scorer.from_pretrained(tiny_checkpoints["gemma3"], backend="torch", dtype="fp32", compile=True)
     assert not any("darl_rms_norm" in vars(norm) for norm in _norms(compiled))  # inductor fuses them itself
+    # one q/k/v matmul, the rotary's reference for inductor to fuse; HF's MLPs
+    assert {p.name for p in compiled.backend.fused_projections} == {"qkv"}
+    assert all(m.darl_rotary is rotary_reference for m in compiled.backend.model.modules() if hasattr(m, "darl_rotary"))
     monkeypatch.setenv("DARL_INFER_CPU_KERNELS", "0")
     switched_off = Scorer.from_pretrained(tiny_checkpoints["gemma3"], backend="torch", dtype="fp32")
     assert not any("darl_rms_norm" in vars(norm) for norm in _norms(switched_off))
+    assert not switched_off.backend.fused_projections  # HF's modules
     assert switched_off.backend.runner.attention_op is torch_backend.shared_prefix_attention_sdpa
 
 

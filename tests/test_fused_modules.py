@@ -3,6 +3,7 @@ backend's. The triton backend always runs them (tests/test_triton_backend.py); t
 a GPU only, so here it is made to on the CPU: the same flow, with the PyTorch references as ops,
 against the reference backend (each pair alone through HF's own modules)."""
 
+import dataclasses
 import random
 
 import numpy as np
@@ -21,7 +22,11 @@ from tiny_models import random_text
 
 @pytest.fixture
 def fused_on_the_cpu(monkeypatch):
+    """The torch backend's GPU layout on the CPU: every module fused, the PyTorch references between."""
     monkeypatch.setattr(TorchBackend, "uses_fused_modules", lambda self: True)
+    monkeypatch.setattr(TorchBackend, "fused_module_ops", lambda self: dataclasses.replace(
+        self.elementwise_ops, gated=gated_activation_for_inductor
+    ) if self.compiled else self.elementwise_ops)
 
 
 @pytest.mark.parametrize("arch", ARCHS)  # qwen2: biases on the fused q/k/v projection
@@ -31,7 +36,7 @@ def test_torch_backend_with_fused_modules_matches_the_reference(fused_on_the_cpu
     query, items = random_text(rng, rng.randint(1, 12)), ragged_items(rng, 30)
     reference = Scorer.from_pretrained(tiny_checkpoints[arch], backend="reference", dtype=dtype).score(query, items)
     fused = Scorer.from_pretrained(tiny_checkpoints[arch], backend="torch", dtype=dtype, token_budget=60)
-    assert fused.backend.fused_projections  # the fused path ran
+    assert {p.name for p in fused.backend.fused_projections} == {"qkv", "gate_up"}  # the fused path ran
     assert np.abs(fused.score(query, items).probs - reference.probs).max() <= tolerance
 
 

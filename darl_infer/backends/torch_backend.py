@@ -8,9 +8,8 @@ round's prefixes not found in the LRU of recent prefixes run packed in the same 
 its first chunk (prefix_runner.JointPass), one pass fewer than running them first.
 
 HF's modules run the layers, with the attention swapped (attention_hook.py); on a GPU the fused
-modules (fused_modules.py); on a CPU the attention by a C++ kernel and, eager, the fused modules with the C++ kernels
-between the matmuls (kernels/*_cpu.cpp); compiled on a CPU, HF's modules, in bf16 the gated MLPs
-with oneDNN's post-ops (onednn_mlp.py).
+modules (fused_modules.py); on a CPU the attention by a C++ kernel, the fused attention modules (eager with the C++ norm and
+rotary kernels, kernels/*_cpu.cpp) and HF's MLPs, in bf16 with oneDNN's post-ops (onednn_mlp.py).
 """
 
 from __future__ import annotations
@@ -70,8 +69,7 @@ class TorchBackend:
     head_op = staticmethod(classification_head_reference)
     # between the matmuls of the fused q/k/v and gate/up projections (fused_modules.py); HF's norms
     elementwise_ops = ElementwiseOps(rotary=rotary_reference, gated=gated_activation_reference)
-    # on a CPU, eager, by the C++ kernels (kernels/*_cpu.cpp), the MLPs HF's modules (in bf16 with
-    # oneDNN's post-ops, onednn_mlp.py: faster there than one gate/up matmul and a gated kernel)
+    # on a CPU, eager, by the C++ kernels (kernels/*_cpu.cpp); the MLPs HF's modules
     cpu_elementwise_ops = ElementwiseOps(rotary=rotary_cpu, gated=None, rms_norm=rms_norm_cpu)
 
     def __init__(self, model, token_budget: int | None = None, compile: bool = False):
@@ -94,11 +92,7 @@ class TorchBackend:
         decoder = getattr(model, model.base_model_prefix)
         self.fused_projections, ops = [], None
         if self.uses_fused_modules():
-            ops = self.elementwise_ops
-            if compile:
-                ops = dataclasses.replace(ops, gated=gated_activation_for_inductor)
-            elif self.uses_cpu_kernels():
-                ops = self.cpu_elementwise_ops
+            ops = self.fused_module_ops()
             self.fused_projections = use_fused_modules(decoder, ops)
         if self.device.type == "cpu" and (ops is None or ops.gated is None):
             use_onednn_mlps(decoder)  # HF's MLP modules, in bf16
@@ -121,12 +115,22 @@ class TorchBackend:
         return self.device.type == "cpu" and self.model.dtype in (torch.float32, torch.bfloat16) and cpu_ops() is not None
 
     def uses_fused_modules(self) -> bool:
-        """One matmul for q/k/v and one for gate/up (fused_modules.py): on a GPU, where a pass is
-        bound by its kernel launches; on a CPU with the C++ kernels between them (eager), where it
-        is bound by the passes over memory between the matmuls (2-core AMX Xeon, 100-item queries:
-        bench/cpu_layers.py, bench/RESULTS.md). Compiled on a CPU, HF's modules: inductor fuses
-        their elementwise work itself."""
-        return self.device.type == "cuda" or (self.uses_cpu_kernels() and not self.compiled)
+        """One matmul for q/k/v (and on a GPU one for gate/up; fused_modules.py): on a GPU, where a
+        pass is bound by its kernel launches; on a CPU eager with the C++ kernels between the
+        matmuls, and compiled (bf16, 100-item queries on a 2-core AMX Xeon: eager -7 %, compiled -5 %;
+        bench/cpu_kernels.py --kernel layers, bench/RESULTS.md)."""
+        return self.device.type == "cuda" or self.compiled or self.uses_cpu_kernels()
+
+    def fused_module_ops(self) -> ElementwiseOps:
+        """The ops between the fused modules' matmuls: on a GPU `elementwise_ops` (compiled, Gemma's
+        GELU in the form inductor runs fast); on a CPU eager the C++ kernels, compiled the rotary's
+        PyTorch reference for inductor to fuse; on a CPU the MLPs stay HF's modules (gated None:
+        in bf16 oneDNN's post-ops, faster there than one gate/up matmul and a gated kernel)."""
+        if self.device.type != "cpu":
+            return dataclasses.replace(self.elementwise_ops, gated=gated_activation_for_inductor) if self.compiled else self.elementwise_ops
+        if not self.compiled and self.uses_cpu_kernels():
+            return self.cpu_elementwise_ops
+        return ElementwiseOps(rotary=rotary_reference, gated=None)
 
     def head(self, hidden: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
         """Grade probabilities (N, K) from the packed pre-norm hidden states of N items."""

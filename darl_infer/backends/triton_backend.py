@@ -54,3 +54,6 @@ class TritonBackend(TorchBackend):
 
     def uses_cpu_kernels(self) -> bool:
         return False  # its own kernels, also in Triton's interpreter
+
+    def fused_module_ops(self):
+        return self.elementwise_ops
