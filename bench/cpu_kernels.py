@@ -1,10 +1,11 @@
 """The C++ CPU kernels (kernels/*_cpu.cpp) against what the torch backend ran before them.
 
-    python bench/cpu_kernels.py --kernel norms|attention|layers --dtype bf16 --rounds 5 [--deviation]
+    python bench/cpu_kernels.py --kernel norms|attention|layers|budget --dtype bf16 --rounds 5 [--deviation]
 
 --kernel norms: the C++ RMSNorm against HF's modules; attention: the C++ shared-prefix attention
 against PyTorch's SDPA; layers: the CPU path (the fused attention modules, eager with the C++ norm
-and rotary, HF's MLPs) against HF's modules (eager with the C++ norms; a second copy of the model).
+and rotary, HF's MLPs) against HF's modules (eager with the C++ norms; a second copy of the model);
+budget: the torch backend at each of --budgets tokens a forward pass.
 
 1. The op alone (norms, attention): the default model's norms at --tokens rows (the layer norm on
    (tokens, 640), the per-head q and k norms on (tokens, 4, 256) and (tokens, 1, 256)), or one
@@ -47,7 +48,8 @@ TOLERANCE = {"fp32": 1e-5, "bf16": 2e-2}
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--kernel", default="norms", choices=["norms", "attention", "layers"])
+    ap.add_argument("--kernel", default="norms", choices=["norms", "attention", "layers", "budget"])
+    ap.add_argument("--budgets", type=int, nargs="+", default=[2048, 4096, 8192], help="token budgets (--kernel budget)")
     ap.add_argument("--dtype", default="bf16", choices=list(DTYPES))
     ap.add_argument("--tokens", type=int, default=2500, help="rows of the op alone")
     ap.add_argument("--items", type=int, default=100)
@@ -106,6 +108,11 @@ def main() -> None:
         for name, op in variants.items():
             ms = best_ms(lambda: op(q, k, v, prefix_k, prefix_v, cu, D ** -0.5))
             print(f"one layer's attention alone, {args.items} items, {T} tokens, 80-token prefix, {args.dtype}: {name} {ms:.2f} ms")
+    elif args.kernel == "budget":
+        variants = {f"budget {budget}": budget for budget in args.budgets}
+
+        def use(name: str) -> None:
+            scorer.backend.token_budget = variants[name]
     else:
         if not scorer.backend.fused_projections:
             raise SystemExit("the torch backend does not run the fused modules (CPU kernels disabled or not built?)")

@@ -51,8 +51,9 @@ def final_norm_of(decoder: torch.nn.Module) -> tuple[torch.Tensor, float, str]:
 
 
 # Tokens per forward pass when none is given. On a CPU a pass costs about in proportion to its
-# tokens, but oneDNN's bf16 matmuls run faster on more rows: 4096 rather than 2048 is 9 % faster in
-# bf16 at 100 and 300 items a query (fp32 within 2 %; 2-core AMX Xeon, bench/RESULTS.md). On a GPU
+# tokens, but oneDNN's bf16 matmuls run faster on more rows: 4096 rather than 2048 is 9-12 % faster
+# in bf16 at 100 and 300 items a query, 8192 no faster (fp32 within 3 %; 2-core AMX Xeon,
+# bench/cpu_kernels.py --kernel budget, bench/RESULTS.md). On a GPU
 # a pass costs ~20 ms of host time (kernel launches) whatever its size up to tens of thousands of
 # tokens (H200, gemma3-270m shapes, 1,000 items of a query: 86 ms at 16,384 tokens a pass, 65.5 ms
 # at 65,536; bench/RESULTS.md).
