@@ -112,7 +112,7 @@ needs_the_attention = pytest.mark.skipif(not torch.backends.mkl.is_available(), 
 @needs_the_attention
 @pytest.mark.parametrize("layout", [*HEAD_LAYOUTS, *ODD_HEAD_DIM])  # MQA, GQA, head dim 80
 @pytest.mark.parametrize("prefix_len", [0, 1, 37, 512])
-@pytest.mark.parametrize("n_items", [1, 3, 130])  # one 64-token item (256 rows: a block of its own), mixed
+@pytest.mark.parametrize("n_items", [1, 3, 130])  # one 64-token item (256 rows for 4 heads: in slices), mixed
 def test_attention_matches_the_reference(prefix_len, n_items, layout):
     for dtype in (torch.float32, torch.bfloat16):
         assert_attention_matches(prefix_len, ITEM_LENGTHS[n_items], layout, dtype, op=shared_prefix_attention_cpu)
@@ -130,7 +130,7 @@ def test_attention_sliding_window(prefix_len, window):
 @pytest.mark.parametrize("window", [None, 40])
 @pytest.mark.parametrize("prefix_len", [0, 37])
 def test_attention_long_items_in_slices(prefix_len, window):
-    """Items of more than a block's rows (256) run in slices of their own, each against the item's
+    """Items of more than a block's rows (64, in (token, query head) rows) run in slices of their own, each against the item's
     keys so far: the scores stay a block's size whatever the item's length."""
     for layout in ("gemma3", "smollm2"):
         for dtype in (torch.float32, torch.bfloat16):
