@@ -36,8 +36,8 @@ extern "C" void cblas_gemm_bf16bf16f32(int layout, int transa, int transb, int m
 namespace {
 
 using Vec = at::vec::Vectorized<float>;
-// the op alone, 100 items of the default model, 2-core AMX Xeon: fp32 4.0 ms a layer at 64 rows,
-// 4.4 at 128, 5.2 at 256 (fewer of a block's other items' keys computed and masked); bf16 alike
+// the op alone, 100 items of the default model, 2-core AMX Xeon: fp32 3.7-4.0 ms a layer at 64
+// rows, 4.4 at 128, 4.8-5.2 at 256 (fewer of a block's other items' keys computed and masked); bf16 alike
 constexpr int64_t BLOCK_ROWS = 64;
 
 // Row-major C (m x n, ldc) = A (m x k) B^T or A B, B (n x k) or (k x n): as column-major BLAS,
