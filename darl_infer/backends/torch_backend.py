@@ -8,8 +8,9 @@ round's prefixes not found in the LRU of recent prefixes run packed in the same 
 its first chunk (prefix_runner.JointPass), one pass fewer than running them first.
 
 HF's modules run the layers, with the attention swapped (attention_hook.py); on a GPU the fused
-modules (fused_modules.py); on a CPU the attention by a C++ kernel, the fused attention modules (eager with the C++ norm and
-rotary kernels, kernels/*_cpu.cpp) and HF's MLPs, in bf16 with oneDNN's post-ops (onednn_mlp.py).
+modules (fused_modules.py); on a CPU the attention by a C++ kernel, the fused attention modules
+(eager with the C++ norm and rotary kernels, kernels/*_cpu.cpp) and HF's MLPs, in bf16 with
+oneDNN's post-ops (onednn_mlp.py).
 """
 
 from __future__ import annotations
@@ -53,10 +54,9 @@ def final_norm_of(decoder: torch.nn.Module) -> tuple[torch.Tensor, float, str]:
 # Tokens per forward pass when none is given. On a CPU a pass costs about in proportion to its
 # tokens, but oneDNN's bf16 matmuls run faster on more rows: 4096 rather than 2048 is 9-12 % faster
 # in bf16 at 100 and 300 items a query, 8192 no faster (fp32 within 3 %; 2-core AMX Xeon,
-# bench/cpu_kernels.py --kernel budget, bench/RESULTS.md). On a GPU
-# a pass costs ~20 ms of host time (kernel launches) whatever its size up to tens of thousands of
-# tokens (H200, gemma3-270m shapes, 1,000 items of a query: 86 ms at 16,384 tokens a pass, 65.5 ms
-# at 65,536; bench/RESULTS.md).
+# bench/cpu_kernels.py --kernel budget, bench/RESULTS.md). On a GPU a pass costs ~20 ms of host
+# time (kernel launches) whatever its size up to tens of thousands of tokens (H200, gemma3-270m
+# shapes, 1,000 items of a query: 86 ms at 16,384 tokens a pass, 65.5 ms at 65,536).
 DEFAULT_TOKEN_BUDGET = {"cpu": 4096, "cuda": 65536}
 
 
@@ -128,7 +128,9 @@ class TorchBackend:
         PyTorch reference for inductor to fuse; on a CPU the MLPs stay HF's modules (gated None:
         in bf16 oneDNN's post-ops, faster there than one gate/up matmul and a gated kernel)."""
         if self.device.type != "cpu":
-            return dataclasses.replace(self.elementwise_ops, gated=gated_activation_for_inductor) if self.compiled else self.elementwise_ops
+            if self.compiled:
+                return dataclasses.replace(self.elementwise_ops, gated=gated_activation_for_inductor)
+            return self.elementwise_ops
         if not self.compiled and self.uses_cpu_kernels():
             return self.cpu_elementwise_ops
         return ElementwiseOps(rotary=rotary_reference, gated=None)
