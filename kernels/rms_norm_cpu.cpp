@@ -5,6 +5,7 @@
 // As PyTorch ops a norm is ~8 passes over the tensor (upcast, square, mean, add, rsqrt, two products,
 // downcast); here a row is read once, normalised in fp32 while in cache and written once.
 #include <ATen/ATen.h>
+#include <ATen/Dispatch_v2.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
@@ -16,14 +17,6 @@
 namespace {
 
 using Vec = at::vec::Vectorized<float>;
-
-float lane_sum(const Vec& v) {
-  float lanes[Vec::size()];
-  v.store(lanes);
-  float sum = 0.f;
-  for (float x : lanes) sum += x;
-  return sum;
-}
 
 template <typename T>
 void rms_norm_rows(const T* x, const T* weight, T* out, int64_t rows, int64_t D, float eps, bool is_gemma) {
@@ -43,7 +36,7 @@ void rms_norm_rows(const T* x, const T* weight, T* out, int64_t rows, int64_t D,
       Vec squares(0.f);
       int64_t d = 0;
       for (; d + Vec::size() <= D; d += Vec::size()) squares = at::vec::fmadd(Vec::loadu(xr + d), Vec::loadu(xr + d), squares);
-      float sum = lane_sum(squares);
+      float sum = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, squares);
       for (; d < D; ++d) sum += xr[d] * xr[d];
       const float inv_rms = 1.f / std::sqrt(sum / D + eps);
       if (is_gemma) {
@@ -68,12 +61,9 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps, b
   auto xc = x.contiguous(), wc = weight.contiguous();
   auto out = at::empty_like(xc);
   const int64_t rows = D ? xc.numel() / D : 0;
-  if (x.scalar_type() == at::kFloat)
-    rms_norm_rows(xc.data_ptr<float>(), wc.data_ptr<float>(), out.data_ptr<float>(), rows, D, eps, is_gemma);
-  else if (x.scalar_type() == at::kBFloat16)
-    rms_norm_rows(xc.data_ptr<at::BFloat16>(), wc.data_ptr<at::BFloat16>(), out.data_ptr<at::BFloat16>(), rows, D, eps, is_gemma);
-  else
-    TORCH_CHECK(false, "rms_norm: float32 or bfloat16 only, got ", x.scalar_type());
+  AT_DISPATCH_V2(x.scalar_type(), "rms_norm", AT_WRAP([&] {
+    rms_norm_rows(xc.data_ptr<scalar_t>(), wc.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), rows, D, eps, is_gemma);
+  }), at::kFloat, at::kBFloat16);
   return out;
 }
 

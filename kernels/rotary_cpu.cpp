@@ -5,6 +5,7 @@
 // written once, (T, H, D) contiguous: as PyTorch ops the pair is ~14 passes (two products, two
 // slices, a negation, a concatenation, a sum, and the norm's ~8).
 #include <ATen/ATen.h>
+#include <ATen/Dispatch_v2.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
@@ -26,14 +27,6 @@ Vec rounded(Vec v) {
   } else {
     return std::get<0>(at::vec::convert_bfloat16_float(at::vec::convert_float_bfloat16(v, v)));
   }
-}
-
-float lane_sum(const Vec& v) {
-  float lanes[Vec::size()];
-  v.store(lanes);
-  float sum = 0.f;
-  for (float x : lanes) sum += x;
-  return sum;
 }
 
 template <typename T>
@@ -60,7 +53,7 @@ void rotary_rows(const T* x, int64_t token_stride, int64_t head_stride, const T*
         Vec squares(0.f);
         int64_t d = 0;
         for (; d + Vec::size() <= D; d += Vec::size()) squares = at::vec::fmadd(Vec::loadu(&row[d]), Vec::loadu(&row[d]), squares);
-        float sum = lane_sum(squares);
+        float sum = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, squares);
         for (; d < D; ++d) sum += row[d] * row[d];
         const Vec inv_rms(1.f / std::sqrt(sum / D + eps));
         for (d = 0; d < D; d += Vec::size()) {
@@ -100,17 +93,11 @@ at::Tensor rotary(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& 
   auto cs = cos.stride(1) == 1 ? cos : cos.contiguous(), ss = sin.stride(1) == 1 ? sin : sin.contiguous();
   auto wc = weight.contiguous();
   auto out = at::empty({T, H, D}, x.options());
-  auto run = [&](auto* type_tag) {
-    using T_ = std::remove_pointer_t<decltype(type_tag)>;
-    rotary_rows(xs.data_ptr<T_>(), xs.stride(0), xs.stride(1), cs.data_ptr<T_>(), cs.stride(0), ss.data_ptr<T_>(), ss.stride(0),
-                norm == kNone ? nullptr : wc.data_ptr<T_>(), out.data_ptr<T_>(), T, H, D, eps, static_cast<Norm>(norm));
-  };
-  if (x.scalar_type() == at::kFloat)
-    run(static_cast<float*>(nullptr));
-  else if (x.scalar_type() == at::kBFloat16)
-    run(static_cast<at::BFloat16*>(nullptr));
-  else
-    TORCH_CHECK(false, "rotary: float32 or bfloat16 only, got ", x.scalar_type());
+  AT_DISPATCH_V2(x.scalar_type(), "rotary", AT_WRAP([&] {
+    rotary_rows(xs.data_ptr<scalar_t>(), xs.stride(0), xs.stride(1), cs.data_ptr<scalar_t>(), cs.stride(0),
+                ss.data_ptr<scalar_t>(), ss.stride(0), norm == kNone ? nullptr : wc.data_ptr<scalar_t>(),
+                out.data_ptr<scalar_t>(), T, H, D, eps, static_cast<Norm>(norm));
+  }), at::kFloat, at::kBFloat16);
   return out;
 }
 

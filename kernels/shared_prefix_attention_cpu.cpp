@@ -16,6 +16,7 @@
 // the prefix part). In bf16, P is rounded to bf16 for the second matmul, as PyTorch's CPU flash
 // attention does.
 #include <ATen/ATen.h>
+#include <ATen/Dispatch_v2.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
@@ -57,14 +58,6 @@ void matmul(bool b_transposed, int64_t m, int64_t n, int64_t k, const at::BFloat
                          beta, c, ldc);
 }
 
-float lane_sum(const Vec& v) {
-  float lanes[Vec::size()];
-  v.store(lanes);
-  float sum = 0.f;
-  for (float x : lanes) sum += x;
-  return sum;
-}
-
 // The loops below run whole vectors, the last one partial (an item's own keys are often fewer
 // than a vector: one key at a time through std::exp was most of the op's time).
 float range_max(const float* s, int64_t a, int64_t b, float top) {
@@ -89,7 +82,7 @@ float exp_range(float* s, int64_t a, int64_t b, float scale, float shift) {
     e.store(s + j, n);
     sum = sum + Vec::set(Vec(0.f), e, n);
   }
-  return lane_sum(sum);
+  return at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, sum);
 }
 
 // out[j] = s[j] * factor over [a, b), in out's dtype
@@ -214,16 +207,11 @@ at::Tensor shared_prefix_attention(const at::Tensor& q, const at::Tensor& k, con
   auto kc = k.contiguous(), vc = v.contiguous(), pk = prefix_k.contiguous(), pv = prefix_v.contiguous();
   auto out = at::empty({T, H, D}, q.options());
   if (N == 0 || T == 0) return out;
-  if (q.scalar_type() == at::kFloat)
-    attend(qc.data_ptr<float>(), qc.stride(0), qc.stride(1), kc.data_ptr<float>(), vc.data_ptr<float>(),
-           pk.data_ptr<float>(), pv.data_ptr<float>(), cu.data_ptr<int64_t>(), N, P, H, Hkv, D, scale, sliding_window,
-           out.data_ptr<float>());
-  else if (q.scalar_type() == at::kBFloat16)
-    attend(qc.data_ptr<at::BFloat16>(), qc.stride(0), qc.stride(1), kc.data_ptr<at::BFloat16>(),
-           vc.data_ptr<at::BFloat16>(), pk.data_ptr<at::BFloat16>(), pv.data_ptr<at::BFloat16>(), cu.data_ptr<int64_t>(),
-           N, P, H, Hkv, D, scale, sliding_window, out.data_ptr<at::BFloat16>());
-  else
-    TORCH_CHECK(false, "shared_prefix_attention: float32 or bfloat16 only, got ", q.scalar_type());
+  AT_DISPATCH_V2(q.scalar_type(), "shared_prefix_attention", AT_WRAP([&] {
+    attend(qc.data_ptr<scalar_t>(), qc.stride(0), qc.stride(1), kc.data_ptr<scalar_t>(), vc.data_ptr<scalar_t>(),
+           pk.data_ptr<scalar_t>(), pv.data_ptr<scalar_t>(), cu.data_ptr<int64_t>(), N, P, H, Hkv, D, scale, sliding_window,
+           out.data_ptr<scalar_t>());
+  }), at::kFloat, at::kBFloat16);
   return out;
 }
 
