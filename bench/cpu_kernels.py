@@ -21,11 +21,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import time
 import types
 from unittest import mock
 
-import numpy as np
 import torch
 
 from darl_infer import Scorer
@@ -40,6 +38,7 @@ from darl_infer.kernels.shared_prefix_attention import shared_prefix_attention_c
 from darl_infer.loading import load_checkpoint_model
 from darl_infer.template import Template
 
+from alternating_rounds import print_deviation, time_rounds
 from mlp_post_ops import DTYPES, best_ms
 from workload import build_cases
 
@@ -73,9 +72,10 @@ def main() -> None:
             raise SystemExit("the torch backend did not swap the norms (compile=True, or CPU kernels disabled or not built?)")
         variants = {"hf": [types.MethodType(type(m).forward, m) for m in norms], "c++": [m.forward for m in norms]}
 
-        def use(name: str) -> None:
+        def use(name: str) -> Scorer:
             for norm, forward in zip(norms, variants[name]):
                 norm.forward = forward
+            return scorer
 
         layer = model.model.layers[0]
         attention = layer.self_attn
@@ -96,8 +96,9 @@ def main() -> None:
             raise SystemExit("the torch backend does not use the C++ attention (CPU kernels disabled or not built?)")
         variants = {"sdpa": shared_prefix_attention_sdpa, "c++": shared_prefix_attention_cpu}
 
-        def use(name: str) -> None:
+        def use(name: str) -> Scorer:
             runner.attention_op = variants[name]
+            return scorer
 
         config, g = model.config, torch.Generator().manual_seed(0)
         lengths = torch.randint(10, 36, (args.items,), generator=g)
@@ -111,8 +112,9 @@ def main() -> None:
     elif args.kernel == "budget":
         variants = {f"budget {budget}": budget for budget in args.budgets}
 
-        def use(name: str) -> None:
+        def use(name: str) -> Scorer:
             scorer.backend.token_budget = variants[name]
+            return scorer
     else:
         if not scorer.backend.fused_projections:
             raise SystemExit("the torch backend does not run the fused modules (CPU kernels disabled or not built?)")
@@ -121,37 +123,17 @@ def main() -> None:
             hf_modules = Scorer(hf_model, tokenizer, spec, backend="torch", **({"compile": True} if args.compile else {}))
         if not args.compile:
             use_norm_op(hf_model.model, rms_norm_cpu)  # as the eager backend did before the C++ rotary
-        scorers = {"hf modules": hf_modules, "fused": scorer}
+        variants = {"hf modules": hf_modules, "fused": scorer}
 
-        def use(name: str) -> None:
-            nonlocal scorer
-            scorer = scorers[name]
+        def use(name: str) -> Scorer:
+            return variants[name]
 
-        variants = scorers
-
-    queries = case.queries
-    times = {name: [] for name in variants}
-    for round_ in range(args.rounds + 1):  # round 0 warms up (and compiles)
-        for name in variants:
-            use(name)
-            start = time.perf_counter()
-            for q in queries:
-                scorer.score(q["query"], q["items"])
-            if round_:
-                times[name].append(1000 * (time.perf_counter() - start) / len(queries))
-    for name, ms in times.items():
-        print(f"model, {args.dtype}{' compiled' if args.compile else ''}: {name} min {min(ms):.0f} median {np.median(ms):.0f} ms/query (rounds: {' '.join(f'{t:.0f}' for t in ms)})")
-
+    label = f"{args.dtype}{' compiled' if args.compile else ''}"
+    time_rounds(use, list(variants), case.queries, args.rounds, label)
     if args.deviation:
         fp32_model, _ = load_checkpoint_model(checkpoint, CheckpointSpec.load(checkpoint), torch.float32, torch.device("cpu"))
         reference = Scorer(fp32_model, tokenizer, spec, backend="reference")
-        oracle = [reference.score(q["query"], q["items"]).probs for q in queries]
-        for name in variants:
-            use(name)
-            d = np.concatenate([np.abs(scorer.score(q["query"], q["items"]).probs - o).max(1) for q, o in zip(queries, oracle)])
-            print(f"vs the fp32 reference, {d.size} items: {name} max {d.max():.2e} mean {d.mean():.2e}, "
-                  f"past {TOLERANCE[args.dtype]:g}: {(d > TOLERANCE[args.dtype]).sum()}")
-
+        print_deviation(use, list(variants), case.queries, reference, TOLERANCE[args.dtype])
 
 if __name__ == "__main__":
     main()

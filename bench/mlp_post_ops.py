@@ -19,7 +19,6 @@ import dataclasses
 import time
 import types
 
-import numpy as np
 import torch
 
 from darl_infer import Scorer
@@ -31,6 +30,7 @@ from darl_infer.checkpoint import CheckpointSpec, resolve_checkpoint
 from darl_infer.loading import load_checkpoint_model
 from darl_infer.template import Template
 
+from alternating_rounds import print_deviation, time_rounds
 from workload import build_cases
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -72,9 +72,10 @@ def main() -> None:
             mlp.forward = types.MethodType(onednn_mlp_forward, mlp)
     variants = {"hf": [types.MethodType(type(m).forward, m) for m in mlps], "onednn": [m.forward for m in mlps]}
 
-    def use(name: str) -> None:
+    def use(name: str) -> Scorer:
         for mlp, forward in zip(mlps, variants[name]):
             mlp.forward = forward
+        return scorer
 
     x = torch.randn(1, args.tokens, mlps[0].gate_proj.in_features).to(DTYPES[args.dtype])
     with torch.inference_mode(), active(PrefixPass([args.tokens], scorer.backend.attention_op)):
@@ -82,29 +83,11 @@ def main() -> None:
             use(name)
             print(f"one layer's MLP alone, {args.tokens} rows, {args.dtype}: {name} {best_ms(lambda: mlps[0](x)):.2f} ms")
 
-    queries = case.queries
-    times = {name: [] for name in variants}
-    for round_ in range(args.rounds + 1):  # round 0 warms up (and compiles)
-        for name in variants:
-            use(name)
-            start = time.perf_counter()
-            for q in queries:
-                scorer.score(q["query"], q["items"])
-            if round_:
-                times[name].append(1000 * (time.perf_counter() - start) / len(queries))
-    for name, ms in times.items():
-        print(f"model, {args.dtype}{' compiled' if args.compile else ''}: {name} min {min(ms):.0f} median {np.median(ms):.0f} ms/query "
-              f"(rounds: {' '.join(f'{t:.0f}' for t in ms)})")
-
+    label = f"{args.dtype}{' compiled' if args.compile else ''}"
+    time_rounds(use, list(variants), case.queries, args.rounds, label)
     if args.deviation:
         fp32_model, _ = load_checkpoint_model(checkpoint, CheckpointSpec.load(checkpoint), torch.float32, torch.device("cpu"))
-        reference = Scorer(fp32_model, tokenizer, spec, backend="reference")
-        oracle = [reference.score(q["query"], q["items"]).probs for q in queries]
-        for name in variants:
-            use(name)
-            d = np.concatenate([np.abs(scorer.score(q["query"], q["items"]).probs - o).max(1) for q, o in zip(queries, oracle)])
-            print(f"vs the fp32 reference, {d.size} items: {name} max {d.max():.4f} mean {d.mean():.4f}, past 2e-2: {(d > 2e-2).sum()}")
-
+        print_deviation(use, list(variants), case.queries, Scorer(fp32_model, tokenizer, spec, backend="reference"), 2e-2)
 
 if __name__ == "__main__":
     main()
