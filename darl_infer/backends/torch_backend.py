@@ -70,8 +70,10 @@ class TorchBackend:
     head_op = staticmethod(classification_head_reference)
     # between the matmuls of the fused q/k/v and gate/up projections (fused_modules.py); HF's norms
     elementwise_ops = ElementwiseOps(rotary=rotary_reference, gated=gated_activation_reference)
-    # on a CPU, eager, by the C++ kernels (kernels/*_cpu.cpp); the MLPs HF's modules
+    # on a CPU the MLPs stay HF's modules; eager the C++ kernels (kernels/*_cpu.cpp), compiled the
+    # rotary's reference for inductor to fuse (with the norms)
     cpu_elementwise_ops = ElementwiseOps(rotary=rotary_cpu, gated=None, rms_norm=rms_norm_cpu)
+    compiled_cpu_elementwise_ops = ElementwiseOps(rotary=rotary_reference, gated=None)
 
     def __init__(self, model, token_budget: int | None = None, compile: bool = False):
         """`token_budget`: tokens per forward pass: the items of one pass, the distinct prefixes of
@@ -133,7 +135,7 @@ class TorchBackend:
             return self.elementwise_ops
         if not self.compiled and self.uses_cpu_kernels():
             return self.cpu_elementwise_ops
-        return ElementwiseOps(rotary=rotary_reference, gated=None)
+        return self.compiled_cpu_elementwise_ops
 
     def head(self, hidden: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
         """Grade probabilities (N, K) from the packed pre-norm hidden states of N items."""

@@ -55,5 +55,5 @@ class TritonBackend(TorchBackend):
     def uses_cpu_kernels(self) -> bool:
         return False  # its own kernels, also in Triton's interpreter
 
-    def fused_module_ops(self):
+    def fused_module_ops(self) -> ElementwiseOps:
         return self.elementwise_ops
