@@ -29,6 +29,9 @@ SIMD_FLAGS = {
     "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-DCPU_CAPABILITY_AVX512"],
     "AVX2": ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2"],
 }
+# with AVX-512, what the CPU has beyond it (Linux's /proc/cpuinfo flag -> compiler flags): bf16
+# rounding in one instruction (kernels/cpu_vec.h), AMX tiles for the bf16 attention's matmuls
+EXTENSIONS = {"avx512_bf16": ["-mavx512bf16"], "amx_bf16": ["-mamx-tile", "-mamx-bf16", "-DDARL_AMX"]}
 HERE = Path(__file__).parent
 _BUILD_LOCK = threading.Lock()  # one build per process; torch's loader locks across processes
 
@@ -37,6 +40,18 @@ def sources() -> list[Path]:
     # the attention calls MKL's matmuls, which PyTorch links on x86 (ATen's wrappers are not exported)
     names = ["rms_norm_cpu.cpp", "rotary_cpu.cpp"] + (["shared_prefix_attention_cpu.cpp"] if torch.backends.mkl.is_available() else [])
     return [HERE / name for name in names]
+
+
+def headers() -> list[Path]:
+    return [HERE / "cpu_vec.h"]
+
+
+def cpu_flags() -> set[str]:
+    """This CPU's feature flags from Linux's /proc/cpuinfo (elsewhere none)."""
+    try:
+        return next((set(line.split(":", 1)[1].split()) for line in open("/proc/cpuinfo") if line.startswith("flags")), set())
+    except OSError:
+        return set()
 
 
 def has(op: str) -> bool:
@@ -69,6 +84,10 @@ def _build():
             pass
     level = torch.backends.cpu.get_cpu_capability()
     flags = SIMD_FLAGS.get(level, [])
+    if level == "AVX512":
+        extensions = sorted(EXTENSIONS.keys() & cpu_flags())
+        level = "_".join([level, *extensions])
+        flags = flags + [flag for extension in extensions for flag in EXTENSIONS[extension]]
     # one library per SIMD level, torch version and set of sources: a cache shared by machines of
     # different CPUs (a home folder on a network drive), or kept across a torch upgrade, never loads
     # code built for another
@@ -77,7 +96,7 @@ def _build():
     # ops; OpenMP: at::parallel_for runs serially without it (it links the libgomp torch has loaded)
     cflags = ["-O3", "-ffp-contract=off", "-fopenmp", *flags]
     digest = hashlib.sha1(
-        " ".join([torch.__version__, *cflags]).encode() + b"".join(source.read_bytes() for source in files)
+        " ".join([torch.__version__, *cflags]).encode() + b"".join(source.read_bytes() for source in files + headers())
     ).hexdigest()[:10]
     name = f"darl_infer_cpu_{level.lower() if flags else 'portable'}_{digest}"
     build = Path(os.environ.get("DARL_INFER_CACHE", Path.home() / ".cache" / "darl_infer")) / "cpu_kernels" / name

@@ -11,69 +11,62 @@
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
+#include "cpu_vec.h"
+
 #include <cmath>
 #include <vector>
 
 namespace {
 
-using Vec = at::vec::Vectorized<float>;
+using darl_vec::Vec;
+using darl_vec::load_fp32;
+using darl_vec::rounded;
+using darl_vec::store_rounded;
 enum Norm { kNone = 0, kLlama = 1, kGemma = 2 };
-
-// v rounded to T (bf16: to nearest even, as a PyTorch op's result is) and back to fp32
-template <typename T>
-Vec rounded(Vec v) {
-  if constexpr (std::is_same_v<T, float>) {
-    return v;
-  } else {
-    return std::get<0>(at::vec::convert_bfloat16_float(at::vec::convert_float_bfloat16(v, v)));
-  }
-}
 
 template <typename T>
 void rotary_rows(const T* x, int64_t token_stride, int64_t head_stride, const T* cos, int64_t cos_stride, const T* sin,
                  int64_t sin_stride, const T* weight, T* out, int64_t tokens, int64_t H, int64_t D, float eps, Norm norm) {
   const int64_t half = D / 2;
   at::parallel_for(0, tokens * H, std::max<int64_t>(1, 16384 / D), [&](int64_t begin, int64_t end) {
-    std::vector<float> row(D), w(D), c(D), s(D), y(D);
+    std::vector<float> w(norm == kNone ? 0 : D);  // the norm's weight in fp32 (1 + w for Gemma)
     if (norm != kNone) {
       at::vec::convert(weight, w.data(), D);
       if (norm == kGemma)
         for (auto& wd : w) wd += 1.f;
     }
-    int64_t angles_of = -1;  // the token whose cos and sin are in c and s
     for (int64_t r = begin; r < end; ++r) {
       const int64_t t = r / H, h = r % H;
-      at::vec::convert(x + t * token_stride + h * head_stride, row.data(), D);
-      if (t != angles_of) {
-        at::vec::convert(cos + t * cos_stride, c.data(), D);
-        at::vec::convert(sin + t * sin_stride, s.data(), D);
-        angles_of = t;
-      }
+      const T* xr = x + t * token_stride + h * head_stride;
+      const T* c = cos + t * cos_stride;
+      const T* s = sin + t * sin_stride;
+      Vec inv_rms(1.f);
       if (norm != kNone) {
         Vec squares(0.f);
         int64_t d = 0;
-        for (; d + Vec::size() <= D; d += Vec::size()) squares = at::vec::fmadd(Vec::loadu(&row[d]), Vec::loadu(&row[d]), squares);
-        float sum = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, squares);
-        for (; d < D; ++d) sum += row[d] * row[d];
-        const Vec inv_rms(1.f / std::sqrt(sum / D + eps));
-        for (d = 0; d < D; d += Vec::size()) {
-          const int64_t n = std::min<int64_t>(Vec::size(), D - d);
-          const Vec xd = Vec::loadu(&row[d], n), wd = Vec::loadu(&w[d], n);
-          // "gemma": ((x * inv_rms) * (1 + w)), rounded; "llama": w * (x * inv_rms rounded), rounded
-          const Vec normed = norm == kGemma ? rounded<T>((xd * inv_rms) * wd) : rounded<T>(wd * rounded<T>(xd * inv_rms));
-          normed.store(&row[d], n);
+        for (; d + Vec::size() <= D; d += Vec::size()) {
+          const Vec xd = load_fp32(xr + d);
+          squares = at::vec::fmadd(xd, xd, squares);
         }
+        float sum = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, squares);
+        for (; d < D; ++d) sum += static_cast<float>(xr[d]) * static_cast<float>(xr[d]);
+        inv_rms = Vec(1.f / std::sqrt(sum / D + eps));
       }
+      // x[d, d + n) normalised: "gemma" ((x * inv_rms) * (1 + w)), rounded; "llama" w * (x * inv_rms
+      // rounded), rounded
+      const auto normed = [&](int64_t d, int64_t n) {
+        const Vec xd = load_fp32(xr + d, n);
+        if (norm == kNone) return xd;
+        const Vec wd = Vec::loadu(&w[d], n);
+        return norm == kGemma ? rounded<T>((xd * inv_rms) * wd) : rounded<T>(wd * rounded<T>(xd * inv_rms));
+      };
       // rotate_half(x) = (-x2, x1); each product rounded before the sum, as PyTorch's ops round
       for (int64_t d = 0; d < half; d += Vec::size()) {
         const int64_t n = std::min<int64_t>(Vec::size(), half - d);
-        const Vec x1 = Vec::loadu(&row[d], n), x2 = Vec::loadu(&row[half + d], n);
-        const Vec y1 = rounded<T>(rounded<T>(x1 * Vec::loadu(&c[d], n)) + rounded<T>(x2.neg() * Vec::loadu(&s[d], n)));
-        const Vec y2 = rounded<T>(rounded<T>(x2 * Vec::loadu(&c[half + d], n)) + rounded<T>(x1 * Vec::loadu(&s[half + d], n)));
-        y1.store(&y[d], n);
-        y2.store(&y[half + d], n);
+        const Vec x1 = normed(d, n), x2 = normed(half + d, n);
+        store_rounded(rounded<T>(rounded<T>(x1 * load_fp32(c + d, n)) + rounded<T>(x2.neg() * load_fp32(s + d, n))), out + r * D + d, n);
+        store_rounded(rounded<T>(rounded<T>(x2 * load_fp32(c + half + d, n)) + rounded<T>(x1 * load_fp32(s + half + d, n))), out + r * D + half + d, n);
       }
-      at::vec::convert(y.data(), out + r * D, D);
     }
   });
 }

@@ -23,8 +23,15 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <cstdlib>
+#include <string_view>
 #include <limits>
 #include <vector>
+#if defined(DARL_AMX)
+#include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 
 // MKL, linked into libtorch_cpu on x86 (ATen's own gemm wrappers are not exported); column-major
 extern "C" void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
@@ -188,6 +195,239 @@ void attend(const T* q, int64_t q_token_stride, int64_t q_head_stride, const T* 
   });
 }
 
+#if defined(DARL_AMX)
+// bf16 on a CPU with AMX (kernels/cpu_extension.py defines DARL_AMX where the CPU has it): the same
+// blocks and softmax, the four matmuls as AMX tile products instead of MKL calls (at a block's ~64
+// rows and ~100 keys MKL's bf16 gemm ran at ~1/10 of the AMX peak: its per-call packing and setup).
+// A tile is 16 rows of 64 bytes; B operands are packed as AMX wants them (pairs of bf16 along the
+// reduced dimension): the prefix's K and V once per call, a block's own K and V per block.
+namespace amx {
+
+using bf16 = at::BFloat16;
+constexpr int64_t R = 16;          // rows of a tile, and fp32 columns of a result tile
+constexpr int64_t KW = 32;         // bf16 values in a tile row
+constexpr int64_t TILE = R * KW;   // bf16 values in a packed tile
+
+int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+// 64-byte aligned, as tile rows are best read: one cache line each
+template <typename T>
+struct Buffer {
+  explicit Buffer(int64_t n) : data(static_cast<T*>(std::aligned_alloc(64, round_up(std::max<int64_t>(n, 1) * sizeof(T), 64)))) {}
+  Buffer(const Buffer&) = delete;
+  ~Buffer() { std::free(data); }
+  T* data;
+};
+
+// AMX and Linux's permission to use its registers (asked once per process), unless DARL_INFER_AMX=0
+// (read at each call: bench/cpu_kernels.py compares the two paths in one process)
+bool ready() {
+  static const bool permitted = [] {
+    constexpr int ARCH_REQ_XCOMP_PERM = 0x1023, XFEATURE_XTILEDATA = 18;
+    return __builtin_cpu_supports("amx-bf16") && syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
+  }();
+  const char* setting = std::getenv("DARL_INFER_AMX");
+  return permitted && !(setting && std::string_view(setting) == "0");
+}
+
+// tiles 0-3: results (16 x 16 fp32); 4: A (16 x 32 bf16); 6, 7: B (16 x 16 pairs of bf16)
+void configure() {
+  struct alignas(64) Config {
+    uint8_t palette = 1, start_row = 0, reserved[14] = {};
+    uint16_t colsb[16] = {};
+    uint8_t rows[16] = {};
+  } config;
+  for (int t = 0; t < 8; ++t) config.colsb[t] = 64, config.rows[t] = R;
+  _tile_loadconfig(&config);
+}
+
+// Keys [0, count) (rows of stride ld) as the B of S = Q K^T: `tiles` tiles of 16 keys (keys past
+// count 0) by D / 32 steps, tile (j, step) rows i = for each key, its values 32 step + 2i and + 1
+void pack_keys(const bf16* k, int64_t ld, int64_t count, int64_t tiles, int64_t D, bf16* out) {
+  const int64_t steps = D / KW;
+  auto* words = reinterpret_cast<uint32_t*>(out);  // a pair of bf16 values is one 32-bit word
+  for (int64_t j = 0; j < tiles; ++j)
+    for (int64_t n = 0; n < R; ++n) {
+      const int64_t key = j * R + n;
+      const auto* row = reinterpret_cast<const uint32_t*>(k + key * ld);
+      for (int64_t w = 0; w < D / 2; ++w) words[((j * steps + w / R) * R + w % R) * R + n] = key < count ? row[w] : 0;
+    }
+}
+
+// Values [0, count) (rows of stride ld) as the B of O = P V: `steps` steps of 32 keys (keys past
+// count 0) by D / 16 tiles, tile (step, e) row i = for each of the values 16e .. 16e + 15, keys
+// 32 step + 2i and + 1
+void pack_values(const bf16* v, int64_t ld, int64_t count, int64_t steps, int64_t D, bf16* out) {
+  const int64_t tiles = D / R;
+  const auto row_of = [&](int64_t key, int64_t e) {
+    return key < count ? _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(v + key * ld + e * R)))
+                       : _mm512_setzero_si512();
+  };
+  for (int64_t step = 0; step < steps; ++step)
+    for (int64_t i = 0; i < R; ++i)
+      for (int64_t e = 0; e < tiles; ++e) {
+        const int64_t key = step * KW + 2 * i;
+        const __m512i pairs = _mm512_or_si512(row_of(key, e), _mm512_slli_epi32(row_of(key + 1, e), 16));
+        _mm512_storeu_si512(out + ((step * tiles + e) * R + i) * KW, pairs);
+      }
+}
+
+// C[:, 16j .. 16j + 15] (16 rows, stride ldc) = A (16 rows of `steps` x 32 values, stride lda) times
+// packed tile column j (tile (j, step) at b + (j * stride_j + step * stride_step) * TILE), j < N
+template <int N>
+void product(const bf16* a, int64_t lda, const bf16* b, int64_t stride_j, int64_t stride_step, int64_t steps, float* c, int64_t ldc,
+             bool accumulate) {
+  if (accumulate) {
+    _tile_loadd(0, c, ldc * 4);
+    if (N > 1) _tile_loadd(1, c + R, ldc * 4);
+    if (N > 2) _tile_loadd(2, c + 2 * R, ldc * 4);
+    if (N > 3) _tile_loadd(3, c + 3 * R, ldc * 4);
+  } else {
+    _tile_zero(0);
+    if (N > 1) _tile_zero(1);
+    if (N > 2) _tile_zero(2);
+    if (N > 3) _tile_zero(3);
+  }
+  for (int64_t step = 0; step < steps; ++step) {
+    const bf16* bs = b + step * stride_step * TILE;
+    _tile_loadd(4, a + step * KW, lda * 2);
+    _tile_loadd(6, bs, 64);
+    _tile_dpbf16ps(0, 4, 6);
+    if (N > 1) { _tile_loadd(7, bs + stride_j * TILE, 64); _tile_dpbf16ps(1, 4, 7); }
+    if (N > 2) { _tile_loadd(6, bs + 2 * stride_j * TILE, 64); _tile_dpbf16ps(2, 4, 6); }
+    if (N > 3) { _tile_loadd(7, bs + 3 * stride_j * TILE, 64); _tile_dpbf16ps(3, 4, 7); }
+  }
+  _tile_stored(0, c, ldc * 4);
+  if (N > 1) _tile_stored(1, c + R, ldc * 4);
+  if (N > 2) _tile_stored(2, c + 2 * R, ldc * 4);
+  if (N > 3) _tile_stored(3, c + 3 * R, ldc * 4);
+}
+
+// C (32 rows, stride ldc) = A (32 rows) times packed tile columns j < COLS, as above: each B tile
+// read once for two A tiles (B, read from L2, is what bounds these products)
+template <int COLS>
+void product_tall(const bf16* a, int64_t lda, const bf16* b, int64_t stride_j, int64_t stride_step, int64_t steps, float* c,
+                  int64_t ldc, bool accumulate) {
+  float* c1 = c + R * ldc;
+  if (accumulate) {
+    _tile_loadd(0, c, ldc * 4);
+    _tile_loadd(2, c1, ldc * 4);
+    if (COLS > 1) { _tile_loadd(1, c + R, ldc * 4); _tile_loadd(3, c1 + R, ldc * 4); }
+  } else {
+    _tile_zero(0);
+    _tile_zero(2);
+    if (COLS > 1) { _tile_zero(1); _tile_zero(3); }
+  }
+  for (int64_t step = 0; step < steps; ++step) {
+    const bf16* bs = b + step * stride_step * TILE;
+    _tile_loadd(4, a + step * KW, lda * 2);
+    _tile_loadd(5, a + R * lda + step * KW, lda * 2);
+    _tile_loadd(6, bs, 64);
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(2, 5, 6);
+    if (COLS > 1) {
+      _tile_loadd(7, bs + stride_j * TILE, 64);
+      _tile_dpbf16ps(1, 4, 7);
+      _tile_dpbf16ps(3, 5, 7);
+    }
+  }
+  _tile_stored(0, c, ldc * 4);
+  _tile_stored(2, c1, ldc * 4);
+  if (COLS > 1) { _tile_stored(1, c + R, ldc * 4); _tile_stored(3, c1 + R, ldc * 4); }
+}
+
+// C (16 or 32 rows: `groups` of 16) = A times `columns` packed tile columns
+void products(const bf16* a, int64_t lda, int64_t groups, const bf16* b, int64_t stride_j, int64_t stride_step, int64_t steps,
+              int64_t columns, float* c, int64_t ldc, bool accumulate) {
+  if (groups == 2) {
+    for (int64_t j = 0; j < columns; j += 2) {
+      if (columns - j >= 2) product_tall<2>(a, lda, b + j * stride_j * TILE, stride_j, stride_step, steps, c + j * R, ldc, accumulate);
+      else product_tall<1>(a, lda, b + j * stride_j * TILE, stride_j, stride_step, steps, c + j * R, ldc, accumulate);
+    }
+    return;
+  }
+  for (int64_t j = 0; j < columns; j += 4) {
+    const bf16* bj = b + j * stride_j * TILE;
+    switch (std::min<int64_t>(4, columns - j)) {
+      case 4: product<4>(a, lda, bj, stride_j, stride_step, steps, c + j * R, ldc, accumulate); break;
+      case 3: product<3>(a, lda, bj, stride_j, stride_step, steps, c + j * R, ldc, accumulate); break;
+      case 2: product<2>(a, lda, bj, stride_j, stride_step, steps, c + j * R, ldc, accumulate); break;
+      default: product<1>(a, lda, bj, stride_j, stride_step, steps, c + j * R, ldc, accumulate);
+    }
+  }
+}
+
+void attend(const bf16* q, int64_t q_token_stride, int64_t q_head_stride, const bf16* k, const bf16* v, const bf16* prefix_k,
+            const bf16* prefix_v, const int64_t* cu, int64_t N, int64_t P, int64_t H, int64_t Hkv, int64_t D, int64_t T, float scale,
+            int64_t window, bf16* out) {
+  const int64_t G = H / Hkv, ld_kv = Hkv * D, steps_d = D / KW, tiles_d = D / R;
+  const auto blocks = blocks_of(cu, N, G);
+  int64_t tokens = 0, keys = 0;  // the most query tokens and own keys of a block
+  for (const auto& b : blocks) tokens = std::max(tokens, b.t1 - b.t0), keys = std::max(keys, b.t1 - b.key0);
+  // score columns: the prefix's keys [0, P) padded to 32, then the block's own keys padded to 32
+  const int64_t P32 = round_up(P, KW), own32 = round_up(keys, KW), ld_s = P32 + own32, rows = round_up(tokens * G, 2 * R);
+  Buffer<bf16> prefix_keys(Hkv * P32 * D), prefix_values(Hkv * P32 * D);
+  for (int64_t h = 0; h < Hkv; ++h) {
+    pack_keys(prefix_k + h * D, ld_kv, P, P32 / R, D, prefix_keys.data + h * P32 * D);
+    pack_values(prefix_v + h * D, ld_kv, P, P32 / KW, D, prefix_values.data + h * P32 * D);
+  }
+  const bool rows_in_place = Hkv == 1 && q_head_stride == D && q_token_stride == H * D;
+  at::parallel_for(0, blocks.size() * Hkv, 1, [&](int64_t begin, int64_t end) {
+    Buffer<float> S(rows * ld_s), O(2 * R * D);
+    Buffer<bf16> probs(rows * ld_s), own_k(own32 * D), own_v(own32 * D), rows_q(rows_in_place ? 2 * R * D : rows * D);
+    configure();
+    for (int64_t task = begin; task < end; ++task) {
+      const Block& b = blocks[task / Hkv];
+      const int64_t h = task % Hkv, M = (b.t1 - b.t0) * G, own_keys = b.t1 - b.key0, width = round_up(own_keys, KW);
+      if (M == 0) continue;
+      const bf16* Q = q + b.t0 * H * D;
+      if (!rows_in_place) {
+        for (int64_t t = b.t0; t < b.t1; ++t)
+          for (int64_t g = 0; g < G; ++g)
+            std::copy_n(q + t * q_token_stride + (h * G + g) * q_head_stride, D, rows_q.data + ((t - b.t0) * G + g) * D);
+        Q = rows_q.data;
+      }
+      pack_keys(k + b.key0 * ld_kv + h * D, ld_kv, own_keys, width / R, D, own_k.data);
+      pack_values(v + b.key0 * ld_kv + h * D, ld_kv, own_keys, width / KW, D, own_v.data);
+      for (int64_t r0 = 0; r0 < M; r0 += 2 * R) {  // S, 32 rows at a time (16 for the last if so)
+        const int64_t groups = M - r0 > R ? 2 : 1;
+        const bf16* A = Q + r0 * D;
+        if (rows_in_place && (b.t0 * G + r0 + groups * R) > T * G) {  // q's last rows: a tile would read past them
+          std::copy_n(A, (M - r0) * D, rows_q.data);
+          A = rows_q.data;
+        }
+        float* s = S.data + r0 * ld_s;
+        if (P) products(A, D, groups, prefix_keys.data + h * P32 * D, steps_d, 1, steps_d, P32 / R, s, ld_s, false);
+        products(A, D, groups, own_k.data, steps_d, 1, steps_d, width / R, s + P32, ld_s, false);
+      }
+      for (int64_t n = b.first; n < b.last; ++n) {
+        const int64_t own = P32 + cu[n] - b.key0;  // the item's first key's score column
+        for (int64_t token = std::max(cu[n], b.t0); token < std::min(cu[n + 1], b.t1); ++token) {
+          const int64_t t = token - cu[n];  // the token within its item, at position P + t
+          const int64_t lo = window > 0 ? std::max<int64_t>(0, P + t - window + 1) : 0;  // keys before: outside the window
+          for (int64_t r = (token - b.t0) * G; r < (token - b.t0 + 1) * G; ++r)
+            softmax_row(S.data + r * ld_s, probs.data + r * ld_s, P32 + width, std::min(lo, P), P, own + std::max<int64_t>(0, lo - P),
+                        own + t + 1, scale);
+        }
+      }
+      for (int64_t r0 = 0; r0 < M; r0 += 2 * R) {  // O, 32 rows at a time
+        const int64_t groups = M - r0 > R ? 2 : 1;
+        const bf16* p = probs.data + r0 * ld_s;
+        if (P) products(p, ld_s, groups, prefix_values.data + h * P32 * D, 1, tiles_d, P32 / KW, tiles_d, O.data, D, false);
+        products(p + P32, ld_s, groups, own_v.data, 1, tiles_d, width / KW, tiles_d, O.data, D, P > 0);
+        for (int64_t r = r0; r < std::min(r0 + 2 * R, M); ++r) {
+          const int64_t t = b.t0 + r / G, g = r % G;
+          at::vec::convert(O.data + (r - r0) * D, out + (t * H + h * G + g) * D, D);
+        }
+      }
+    }
+    _tile_release();
+  });
+}
+
+}  // namespace amx
+#endif
+
 at::Tensor shared_prefix_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                    const at::Tensor& prefix_k, const at::Tensor& prefix_v,
                                    const at::Tensor& cu_seqlens, double scale, int64_t sliding_window) {
@@ -207,6 +447,14 @@ at::Tensor shared_prefix_attention(const at::Tensor& q, const at::Tensor& k, con
   auto kc = k.contiguous(), vc = v.contiguous(), pk = prefix_k.contiguous(), pv = prefix_v.contiguous();
   auto out = at::empty({T, H, D}, q.options());
   if (N == 0 || T == 0) return out;
+#if defined(DARL_AMX)
+  if (q.scalar_type() == at::kBFloat16 && D % amx::KW == 0 && amx::ready()) {
+    using amx::bf16;
+    amx::attend(qc.data_ptr<bf16>(), qc.stride(0), qc.stride(1), kc.data_ptr<bf16>(), vc.data_ptr<bf16>(), pk.data_ptr<bf16>(),
+                pv.data_ptr<bf16>(), cu.data_ptr<int64_t>(), N, P, H, Hkv, D, T, scale, sliding_window, out.data_ptr<bf16>());
+    return out;
+  }
+#endif
   AT_DISPATCH_V2(q.scalar_type(), "shared_prefix_attention", AT_WRAP([&] {
     attend(qc.data_ptr<scalar_t>(), qc.stride(0), qc.stride(1), kc.data_ptr<scalar_t>(), vc.data_ptr<scalar_t>(),
            pk.data_ptr<scalar_t>(), pv.data_ptr<scalar_t>(), cu.data_ptr<int64_t>(), N, P, H, Hkv, D, scale, sliding_window,
@@ -217,7 +465,18 @@ at::Tensor shared_prefix_attention(const at::Tensor& q, const at::Tensor& k, con
 
 }  // namespace
 
+// whether a bf16 call takes the AMX path (a head dim that is a multiple of 32)
+bool attention_uses_amx() {
+#if defined(DARL_AMX)
+  return amx::ready();
+#else
+  return false;
+#endif
+}
+
 TORCH_LIBRARY_FRAGMENT(darl_infer_cpu, m) {
+  m.def("attention_uses_amx() -> bool");
+  m.impl("attention_uses_amx", c10::DispatchKey::CatchAll, &attention_uses_amx);
   m.def("shared_prefix_attention(Tensor q, Tensor k, Tensor v, Tensor prefix_k, Tensor prefix_v, Tensor cu_seqlens, "
         "float scale, int sliding_window) -> Tensor");
   m.impl("shared_prefix_attention", c10::DispatchKey::CPU, &shared_prefix_attention);

@@ -107,13 +107,24 @@ def test_rotary_checks_its_inputs_and_leaves_other_dtypes_to_the_reference():
 
 
 needs_the_attention = pytest.mark.skipif(not torch.backends.mkl.is_available(), reason="the C++ attention calls MKL")
+AMX = "amx_bf16" in cpu_extension.cpu_flags() and torch.backends.cpu.get_cpu_capability() == "AVX512"
+
+
+@pytest.fixture(params=["amx", "mkl"])
+def attention_path(request, monkeypatch):
+    """The attention's two bf16 paths: AMX tiles where the CPU has them, MKL's gemm (DARL_INFER_AMX=0)."""
+    if request.param == "amx" and not AMX:
+        pytest.skip("no AMX on this CPU")
+    monkeypatch.setenv("DARL_INFER_AMX", "1" if request.param == "amx" else "0")
+    assert torch.ops.darl_infer_cpu.attention_uses_amx() == (request.param == "amx")
+    return request.param
 
 
 @needs_the_attention
 @pytest.mark.parametrize("layout", [*HEAD_LAYOUTS, *ODD_HEAD_DIM])  # MQA, GQA, head dim 80
 @pytest.mark.parametrize("prefix_len", [0, 1, 37, 512])
 @pytest.mark.parametrize("n_items", [1, 3, 130])  # one 64-token item (256 rows for 4 heads: in slices), mixed
-def test_attention_matches_the_reference(prefix_len, n_items, layout):
+def test_attention_matches_the_reference(prefix_len, n_items, layout, attention_path):
     for dtype in (torch.float32, torch.bfloat16):
         assert_attention_matches(prefix_len, ITEM_LENGTHS[n_items], layout, dtype, op=shared_prefix_attention_cpu)
 
@@ -121,15 +132,16 @@ def test_attention_matches_the_reference(prefix_len, n_items, layout):
 @needs_the_attention
 @pytest.mark.parametrize("window", [1, 4, 40, 600])
 @pytest.mark.parametrize("prefix_len", [0, 37, 512])
-def test_attention_sliding_window(prefix_len, window):
+def test_attention_sliding_window(prefix_len, window, attention_path):
     for layout in ("gemma3", "smollm2"):
-        assert_attention_matches(prefix_len, ITEM_LENGTHS[130], layout, torch.float32, window, op=shared_prefix_attention_cpu)
+        for dtype in (torch.float32, torch.bfloat16):
+            assert_attention_matches(prefix_len, ITEM_LENGTHS[130], layout, dtype, window, op=shared_prefix_attention_cpu)
 
 
 @needs_the_attention
 @pytest.mark.parametrize("window", [None, 40])
 @pytest.mark.parametrize("prefix_len", [0, 37])
-def test_attention_long_items_in_slices(prefix_len, window):
+def test_attention_long_items_in_slices(prefix_len, window, attention_path):
     """Items of more than a block's rows (64, in (token, query head) rows) run in slices of their own, each against the item's
     keys so far: the scores stay a block's size whatever the item's length."""
     for layout in ("gemma3", "smollm2"):
@@ -138,23 +150,26 @@ def test_attention_long_items_in_slices(prefix_len, window):
 
 
 @needs_the_attention
-def test_attention_with_extreme_scores():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_attention_with_extreme_scores(dtype, attention_path):
     """Every score of a row far below zero (exp underflows unless the row's max is subtracted) or
     far above (overflows). Scores in the thousands carry fp32 rounding of ~1e-4 into the exponent,
-    in the reference as here: hence 1e-3."""
-    q, k, v, prefix_k, prefix_v, cu, scale = attention_inputs(37, ITEM_LENGTHS[130], "gemma3", torch.float32)
+    in the reference as here: hence 1e-3 (bf16: two units in the last place of the output's bf16)."""
+    q, k, v, prefix_k, prefix_v, cu, scale = attention_inputs(37, ITEM_LENGTHS[130], "gemma3", dtype)
     q = 8 * q.abs()
     for sign in (-1, 1):
         keys = (sign * 8 * k.abs(), v, sign * 8 * prefix_k.abs(), prefix_v)
         got = shared_prefix_attention_cpu(q, keys[0], v, keys[2], prefix_v, cu, scale)
-        want = shared_prefix_attention_reference(q, keys[0], v, keys[2], prefix_v, cu, scale)
-        assert torch.isfinite(got).all() and (got - want).abs().max() <= 1e-3
+        want = shared_prefix_attention_reference(q.float(), keys[0].float(), v.float(), keys[2].float(), prefix_v.float(), cu, scale)
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got.float(), want, **(dict(atol=1e-3, rtol=0) if dtype == torch.float32 else dict(atol=1e-2, rtol=2**-6)))
 
 
 @needs_the_attention
 @pytest.mark.parametrize("layout", HEAD_LAYOUTS)
-def test_attention_takes_strided_views_and_checks_its_inputs(layout):
-    q, k, v, prefix_k, prefix_v, cu, scale = attention_inputs(37, ITEM_LENGTHS[130], layout, torch.float32)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_attention_takes_strided_views_and_checks_its_inputs(layout, dtype, attention_path):
+    q, k, v, prefix_k, prefix_v, cu, scale = attention_inputs(37, ITEM_LENGTHS[130], layout, dtype)
     expected = shared_prefix_attention_cpu(q, k, v, prefix_k, prefix_v, cu, scale)
     # HF's (heads, T, D) memory, and rows of a longer packed row (the items after a pass's prefixes)
     views = tuple(torch.cat([x, x[:5]]).transpose(0, 1).contiguous().transpose(0, 1)[: len(x)] for x in (q, k, v))
