@@ -22,10 +22,12 @@
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
+#include "cpu_vec.h"
+
 #include <cmath>
 #include <cstdlib>
-#include <string_view>
 #include <limits>
+#include <string_view>
 #include <vector>
 #if defined(DARL_AMX)
 #include <immintrin.h>
@@ -241,16 +243,45 @@ void configure() {
   _tile_loadconfig(&config);
 }
 
+// 16 rows of 16 32-bit words, transposed in registers: r[i] becomes column i
+inline void transpose16(__m512i r[16]) {
+  __m512i t[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+    r[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+    r[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+    r[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+  }
+  for (int i = 0; i < 4; ++i) {
+    t[i] = _mm512_shuffle_i32x4(r[i], r[i + 4], 0x88);
+    t[i + 4] = _mm512_shuffle_i32x4(r[i], r[i + 4], 0xdd);
+    t[i + 8] = _mm512_shuffle_i32x4(r[i + 8], r[i + 12], 0x88);
+    t[i + 12] = _mm512_shuffle_i32x4(r[i + 8], r[i + 12], 0xdd);
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[i] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0x88);
+    r[i + 8] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0xdd);
+    r[i + 4] = _mm512_shuffle_i32x4(t[i + 4], t[i + 12], 0x88);
+    r[i + 12] = _mm512_shuffle_i32x4(t[i + 4], t[i + 12], 0xdd);
+  }
+}
+
 // Keys [0, count) (rows of stride ld) as the B of S = Q K^T: `tiles` tiles of 16 keys (keys past
-// count 0) by D / 32 steps, tile (j, step) rows i = for each key, its values 32 step + 2i and + 1
+// count 0) by D / 32 steps, tile (j, step) row i = for each key, its values 32 step + 2i and + 1:
+// a pair of bf16 values is one 32-bit word, and a tile the transpose of 16 keys' 16 words
 void pack_keys(const bf16* k, int64_t ld, int64_t count, int64_t tiles, int64_t D, bf16* out) {
   const int64_t steps = D / KW;
-  auto* words = reinterpret_cast<uint32_t*>(out);  // a pair of bf16 values is one 32-bit word
+  __m512i r[R];
   for (int64_t j = 0; j < tiles; ++j)
-    for (int64_t n = 0; n < R; ++n) {
-      const int64_t key = j * R + n;
-      const auto* row = reinterpret_cast<const uint32_t*>(k + key * ld);
-      for (int64_t w = 0; w < D / 2; ++w) words[((j * steps + w / R) * R + w % R) * R + n] = key < count ? row[w] : 0;
+    for (int64_t step = 0; step < steps; ++step) {
+      for (int64_t n = 0; n < R; ++n)
+        r[n] = j * R + n < count ? _mm512_loadu_si512(k + (j * R + n) * ld + step * KW) : _mm512_setzero_si512();
+      transpose16(r);
+      for (int64_t i = 0; i < R; ++i) _mm512_storeu_si512(out + ((j * steps + step) * R + i) * KW, r[i]);
     }
 }
 
@@ -355,6 +386,31 @@ void products(const bf16* a, int64_t lda, int64_t groups, const bf16* b, int64_t
       default: product<1>(a, lda, bj, stride_j, stride_step, steps, c + j * R, ldc, accumulate);
     }
   }
+}
+
+// softmax_row over n columns (a multiple of 16) into bf16: each pass a masked one over whole vectors
+// (the visible keys are ~100 columns of a row in two ranges; per-range loops with partial vectors
+// took twice as long)
+void softmax_row(float* s, bf16* out, int64_t n, int64_t a0, int64_t a1, int64_t b0, int64_t b1, float scale) {
+  const __m512i lanes = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+  const auto visible = [&](int64_t j) {
+    const __m512i column = _mm512_add_epi32(_mm512_set1_epi32(j), lanes);
+    const auto in = [&](int64_t lo, int64_t hi) {
+      return _mm512_cmpge_epi32_mask(column, _mm512_set1_epi32(lo)) & _mm512_cmplt_epi32_mask(column, _mm512_set1_epi32(hi));
+    };
+    return static_cast<__mmask16>(in(a0, a1) | in(b0, b1));
+  };
+  __m512 top = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  for (int64_t j = 0; j < n; j += R) top = _mm512_mask_max_ps(top, visible(j), top, _mm512_loadu_ps(s + j));
+  const Vec shift(_mm512_reduce_max_ps(top) * scale);
+  __m512 sum = _mm512_setzero_ps();
+  for (int64_t j = 0; j < n; j += R) {
+    const __m512 e = _mm512_maskz_mov_ps(visible(j), (Vec::loadu(s + j) * Vec(scale) - shift).exp_u20());
+    _mm512_storeu_ps(s + j, e);
+    sum = _mm512_add_ps(sum, e);
+  }
+  const Vec inv(1.f / _mm512_reduce_add_ps(sum));
+  for (int64_t j = 0; j < n; j += R) darl_vec::store_rounded(Vec::loadu(s + j) * inv, out + j);
 }
 
 void attend(const bf16* q, int64_t q_token_stride, int64_t q_head_stride, const bf16* k, const bf16* v, const bf16* prefix_k,
