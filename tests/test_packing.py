@@ -13,7 +13,7 @@ import pytest
 
 from conftest import ARCHS, ragged_items
 from darl_infer import Scorer
-from darl_infer.backends.chunking import length_sorted_chunks, prefix_rounds
+from darl_infer.backends.chunking import length_sorted_chunks, pass_size, prefix_rounds
 from darl_infer.backends.prefix_cache import PrefixLRU
 from tiny_models import random_text
 
@@ -122,6 +122,39 @@ def test_prefix_rounds_hold_distinct_prefixes_under_the_budget():
     assert prefix_rounds(prefixes, 1) == [[0], [1], [2], [3], [4], [5], [6]]
     assert prefix_rounds(prefixes, 10**6) == [list(range(7))]
     assert length_sorted_chunks([5, 1, 3], 4) == [[1, 2], [0]]
+
+
+def test_pass_sizes_are_few_and_at_most_a_sixteenth_more():
+    sizes = {pass_size(t, 4096) for t in range(1, 4097)}
+    assert len(sizes) < 120  # 4,096 token counts, ~100 pass sizes: oneDNN builds each size's matmuls once
+    for t in range(1, 4097):
+        assert t <= pass_size(t, 4096) <= max(t + 15, t * 17 // 16) and pass_size(pass_size(t, 4096), 4096) == pass_size(t, 4096)
+    assert pass_size(2380, 4096) == 2432 and pass_size(300, 4096) == 304 and pass_size(4000, 4096) == 4096
+    assert pass_size(4000, 3000) == 4000 and pass_size(2990, 3000) == 3000  # past the budget only if the tokens are
+
+
+def test_cpu_passes_are_padded_to_pass_sizes_by_a_filler_item(scorers):
+    """Each CPU forward pass runs pass_size(its tokens) tokens: a filler item after the real ones, its
+    grades dropped (the exactness tests of this file run with it)."""
+    scorer = scorers("gemma3")
+    model = scorer.backend.model
+    lengths = []
+    handle = getattr(model, model.base_model_prefix).register_forward_pre_hook(
+        lambda module, args, kwargs: lengths.append(kwargs["input_ids"].shape[-1]), with_kwargs=True
+    )
+    rng = random.Random(5)
+    query, items = random_text(rng, 4), ragged_items(rng, 13, max_tokens=30)
+    encoded = scorer.encoder.encode(query, items)
+    tokens = len(encoded.prefix) + sum(map(len, encoded.suffixes))
+    assert pass_size(tokens, scorer.backend.token_budget) > tokens  # the case this test is for
+    try:
+        result = scorer.score(query, items)
+    finally:
+        handle.remove()
+    assert lengths == [pass_size(tokens, scorer.backend.token_budget)]  # the prefix and items in one pass, and a filler
+    assert result.probs.shape == (13, 3)
+    reference = scorers("gemma3", backend="reference").score(query, items)
+    assert max_diff(result.probs, reference.probs) <= 1e-5
 
 
 # --- the LRU of recent prefixes ------------------------------------------------------------------

@@ -29,7 +29,7 @@ from darl_infer.kernels.shared_prefix_attention import shared_prefix_attention_c
 
 from ..template import Encoded
 from .sdpa_attention import shared_prefix_attention_sdpa
-from .chunking import length_sorted_chunks, prefix_rounds
+from .chunking import length_sorted_chunks, pass_size, prefix_rounds
 from .compiled_layers import compile_decoder_layers, gated_activation_for_inductor
 from .fused_modules import KNOWN_NORMS, ElementwiseOps, known_norm, use_fused_modules
 from .onednn_mlp import use_onednn_mlps
@@ -183,6 +183,10 @@ class TorchBackend:
                     for key, members in by_prefix.items()
                 ]
                 rows = [row for members in by_prefix.values() for row, _ in members]
+                if self.device.type == "cpu":  # an item of filler tokens, its grades dropped: a pass of few sizes
+                    tokens = sum(len(key[0]) for key in missing) + sum(len(items[j][2]) for j in chunk)
+                    if filler := pass_size(tokens, self.token_budget) - tokens:
+                        groups[-1][1].append(torch.zeros(filler, dtype=torch.long))
                 if missing:  # the round's new prefixes in the same forward pass as its first chunk
                     computed, hidden, cu = self.runner.packed_with_prefixes(
                         [torch.tensor(ids) for ids, _, _ in missing], groups
@@ -194,5 +198,5 @@ class TorchBackend:
                     missing = []
                 else:
                     hidden, cu = self.runner.packed(groups)
-                probs[rows] = self.head(hidden, cu).cpu()
+                probs[rows] = self.head(hidden, cu)[: len(rows)].cpu()
         return list(probs.split(sizes))
