@@ -38,7 +38,7 @@ _BUILD_LOCK = threading.Lock()  # one build per process; torch's loader locks ac
 
 def sources() -> list[Path]:
     # the attention calls MKL's matmuls, which PyTorch links on x86 (ATen's wrappers are not exported)
-    names = ["rms_norm_cpu.cpp", "rotary_cpu.cpp"] + (["shared_prefix_attention_cpu.cpp"] if torch.backends.mkl.is_available() else [])
+    names = ["rms_norm_cpu.cpp", "rotary_cpu.cpp", "gated_activation_cpu.cpp"] + (["shared_prefix_attention_cpu.cpp"] if torch.backends.mkl.is_available() else [])
     return [HERE / name for name in names]
 
 

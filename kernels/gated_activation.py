@@ -72,3 +72,15 @@ def gated_activation(gate: torch.Tensor, up: torch.Tensor, activation: str) -> t
                 GELU_TANH=activation == "gelu_tanh", BLOCK=block,
             )
     return out
+
+
+def gated_activation_cpu(gate: torch.Tensor, up: torch.Tensor, activation: str) -> torch.Tensor:
+    """The C++ kernel (kernels/cpu_extension.py must have built it: `has("gated_activation")`); same
+    arguments and result as the Triton kernel, fp32 or bf16 gate and up (other dtypes get the
+    reference)."""
+    check_activation(activation)
+    if gate.dtype not in (torch.float32, torch.bfloat16) or up.dtype != gate.dtype:
+        return gated_activation_reference(gate, up, activation)
+    shape = gate.shape
+    out = torch.ops.darl_infer_cpu.gated_activation(gate.reshape(-1, shape[-1]), up.reshape(-1, shape[-1]), activation == "gelu_tanh")
+    return out.view(shape)

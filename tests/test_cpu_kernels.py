@@ -17,6 +17,7 @@ from darl_infer.backends import torch_backend
 from darl_infer.backends.torch_backend import TorchBackend
 from darl_infer.backends.fused_modules import known_norm
 from darl_infer.kernels import cpu_extension
+from darl_infer.kernels.gated_activation import gated_activation_cpu, gated_activation_reference
 from darl_infer.kernels.rms_norm import rms_norm_cpu, rms_norm_reference
 from darl_infer.kernels.rotary import rotary_cpu, rotary_reference
 from darl_infer.kernels.shared_prefix_attention import shared_prefix_attention_cpu, shared_prefix_attention_reference
@@ -104,6 +105,38 @@ def test_rotary_checks_its_inputs_and_leaves_other_dtypes_to_the_reference():
     with pytest.raises(ValueError, match="unknown norm_variant"):
         rotary_cpu(x, cos, sin, weight, 1e-6, "layer")
     assert torch.equal(rotary_cpu(x, cos, sin, weight.double(), 1e-6, "llama"), rotary_reference(x, cos, sin, weight.double(), 1e-6, "llama"))
+
+
+@pytest.mark.parametrize("activation", ["gelu_tanh", "silu"])
+@pytest.mark.parametrize("shape", [(37, 2048), (2, 5, 100), (3, 7), (0, 16)])  # Gemma-3's MLP; tails
+def test_gated_activation_matches_the_reference(shape, activation):
+    g = torch.Generator().manual_seed(shape[-1])
+    fused = 4 * torch.randn(*shape[:-1], 2 * shape[-1], generator=g)  # gate and up: views of one gate/up output
+    gate, up = fused.split(shape[-1], dim=-1)
+    got, want = gated_activation_cpu(gate, up, activation), gated_activation_reference(gate, up, activation)
+    assert got.shape == want.shape and got.is_contiguous()
+    # fp32: the tanh in its exp form and torch's tanh agree to a few ulp (where torch's GELU is 0, the
+    # exp form's is below 1e-30)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-5)
+    gb, ub = gate.bfloat16(), up.bfloat16()
+    got, want = gated_activation_cpu(gb, ub, activation), gated_activation_reference(gb, ub, activation)
+    # bf16: the activation rounded, then the product, as the reference: a value on a rounding boundary
+    # may land one unit in the last place away (twice: activation and product). Below gate ~ -3
+    # torch's 0.5 x (1 + tanh(z)) loses digits to the cancellation (the exp form does not): there
+    # the two differ by more ulp, in absolute terms below 1e-5.
+    diff = (got.float() - want.float()).abs()
+    ulp = 2.0 ** (torch.floor(torch.log2(want.float().abs().clamp_min(2**-20))) - 7)
+    assert (diff <= 2 * ulp + 1e-5).all()
+    assert (got != want)[gb > -3].sum() <= 1e-2 * max(1, want.numel())
+
+
+def test_gated_activation_checks_its_inputs_and_leaves_other_dtypes_to_the_reference():
+    gate, up = torch.randn(4, 8, dtype=torch.float16), torch.randn(4, 8, dtype=torch.float16)
+    assert torch.equal(gated_activation_cpu(gate, up, "silu"), gated_activation_reference(gate, up, "silu"))
+    with pytest.raises(RuntimeError, match="alike"):
+        gated_activation_cpu(gate.float(), up.float()[:, :4], "silu")
+    with pytest.raises(ValueError, match="unknown activation"):
+        gated_activation_cpu(gate, up, "relu")
 
 
 needs_the_attention = pytest.mark.skipif(not torch.backends.mkl.is_available(), reason="the C++ attention calls MKL")
@@ -207,9 +240,13 @@ def test_torch_backend_with_cpu_kernels_matches_the_reference(monkeypatch, tiny_
     got = scorer.score(query, items)
     norms, layers = _norms(scorer), scorer.backend.model.config.num_hidden_layers
     assert all("darl_rms_norm" in vars(norm) for norm in norms)
-    assert [p.name for p in scorer.backend.fused_projections] == ["qkv"] * layers  # HF's MLPs
+    # one q/k/v matmul; in fp32 one gate/up matmul and the C++ gated kernel, in bf16 HF's MLPs with
+    # oneDNN's post-ops
+    fused = ["qkv"] * layers if dtype == "bf16" else [name for _ in range(layers) for name in ("qkv", "gate_up")]
+    assert [p.name for p in scorer.backend.fused_projections] == fused
     mlps = [m for m in scorer.backend.model.modules() if hasattr(m, "gate_proj")]
-    assert all(("darl_post_op" in vars(m)) == (dtype == "bf16") for m in mlps)  # oneDNN's post-ops in bf16
+    assert all(("darl_post_op" in vars(m)) == (dtype == "bf16") for m in mlps)
+    assert all((vars(m).get("darl_gated") is gated_activation_cpu) == (dtype == "fp32") for m in mlps)
     assert scorer.backend.runner.attention_op is shared_prefix_attention_cpu
     passes = calls["rotary"] // (2 * layers)  # q and k in each layer of each pass
     assert passes >= 2 and calls["rotary"] == 2 * layers * passes
