@@ -91,3 +91,31 @@ def rms_norm_cpu(x: torch.Tensor, weight: torch.Tensor, eps: float, norm_variant
     if x.dtype not in (torch.float32, torch.bfloat16) or weight.dtype != x.dtype:
         return rms_norm_reference(x, weight, eps, norm_variant)
     return torch.ops.darl_infer_cpu.rms_norm(x, weight, eps, norm_variant == "gemma")
+
+
+def add_rms_norm_reference(
+    x: torch.Tensor, residual: torch.Tensor, x_weight: torch.Tensor | None, weight: torch.Tensor | None, eps: float,
+    norm_variant: str,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A decoder layer's residual add between its norms: sum = residual + norm(x; x_weight) (x itself
+    for no x_weight: Llama's), then normed = norm(sum; weight) (None for no weight); (sum, normed)."""
+    total = residual + (x if x_weight is None else rms_norm_reference(x, x_weight, eps, norm_variant))
+    return total, None if weight is None else rms_norm_reference(total, weight, eps, norm_variant)
+
+
+def add_rms_norm_cpu(
+    x: torch.Tensor, residual: torch.Tensor, x_weight: torch.Tensor | None, weight: torch.Tensor | None, eps: float,
+    norm_variant: str,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The C++ kernel (one pass over the rows instead of three; `cpu_ops()` not None); same arguments
+    and result as `add_rms_norm_reference`, with `rms_norm_cpu`'s math for each norm: bit-equal to
+    rms_norm_cpu and PyTorch's add. fp32 or bf16 inputs of one dtype; others get the reference."""
+    check_variant(norm_variant)
+    weights = [w for w in (x_weight, weight) if w is not None]
+    if x.dtype not in (torch.float32, torch.bfloat16) or any(t.dtype != x.dtype for t in (residual, *weights)):
+        return add_rms_norm_reference(x, residual, x_weight, weight, eps, norm_variant)
+    empty = x.new_empty(0)
+    total, normed = torch.ops.darl_infer_cpu.add_rms_norm(
+        x, residual, empty if x_weight is None else x_weight, empty if weight is None else weight, eps, norm_variant == "gemma"
+    )
+    return total, None if weight is None else normed

@@ -18,7 +18,7 @@ from darl_infer.backends.torch_backend import TorchBackend
 from darl_infer.backends.fused_modules import known_norm
 from darl_infer.kernels import cpu_extension
 from darl_infer.kernels.gated_activation import gated_activation_cpu, gated_activation_reference
-from darl_infer.kernels.rms_norm import rms_norm_cpu, rms_norm_reference
+from darl_infer.kernels.rms_norm import add_rms_norm_cpu, add_rms_norm_reference, rms_norm_cpu, rms_norm_reference
 from darl_infer.kernels.rotary import rotary_cpu, rotary_reference
 from darl_infer.kernels.shared_prefix_attention import shared_prefix_attention_cpu, shared_prefix_attention_reference
 from test_kernels import HEAD_LAYOUTS, ITEM_LENGTHS, ODD_HEAD_DIM, assert_attention_matches, attention_inputs
@@ -63,6 +63,42 @@ def test_rms_norm_other_dtypes_get_the_reference():
     assert torch.equal(rms_norm_cpu(x, w, 1e-6, "llama"), rms_norm_reference(x, w, 1e-6, "llama"))
     with pytest.raises(ValueError, match="unknown norm_variant"):
         rms_norm_cpu(x, w, 1e-6, "layer")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("variant", ["llama", "gemma"])
+@pytest.mark.parametrize("weights", ["both", "x only", "sum only"])  # Gemma-3's two adds; Llama's
+@pytest.mark.parametrize("shape", [(2, 37, 640), (3, 7), (0, 16)])
+def test_add_rms_norm_is_the_norms_and_the_add(shape, weights, variant, dtype):
+    """Bit-equal to the C++ RMSNorm and PyTorch's add it replaces (one pass instead of three), and so
+    within the norm's tolerance of the reference."""
+    g = torch.Generator().manual_seed(sum(shape))
+    x, residual = (3 * torch.randn(shape, generator=g)).to(dtype), (3 * torch.randn(shape, generator=g)).to(dtype)
+    w1, w2 = ((torch.randn(shape[-1], generator=g) / 2).to(dtype) for _ in range(2))
+    x_weight, weight = (w1 if weights != "sum only" else None), (w2 if weights != "x only" else None)
+    total, normed = add_rms_norm_cpu(x, residual, x_weight, weight, 1e-6, variant)
+    want_total = residual + (x if x_weight is None else rms_norm_cpu(x, x_weight, 1e-6, variant))
+    assert torch.equal(total, want_total) and total.dtype == dtype
+    if weight is None:
+        assert normed is None
+    else:
+        assert torch.equal(normed, rms_norm_cpu(want_total, weight, 1e-6, variant))
+    if dtype == torch.float32:
+        ref_total, ref_normed = add_rms_norm_reference(x, residual, x_weight, weight, 1e-6, variant)
+        torch.testing.assert_close(total, ref_total, rtol=2e-6, atol=1e-5)
+        if weight is not None:
+            torch.testing.assert_close(normed, ref_normed, rtol=2e-5, atol=1e-5)
+
+
+def test_add_rms_norm_checks_its_inputs():
+    x, w = torch.randn(4, 8), torch.randn(8)
+    with pytest.raises(RuntimeError, match="residual"):
+        add_rms_norm_cpu(x, x[:, :4], w, w, 1e-6, "gemma")
+    with pytest.raises(RuntimeError, match="a weight must be"):
+        add_rms_norm_cpu(x, x, w[:4], w, 1e-6, "gemma")
+    half = x.half()
+    assert all(torch.equal(a, b) for a, b in zip(add_rms_norm_cpu(half, half, w.half(), w.half(), 1e-6, "llama"),
+                                                    add_rms_norm_reference(half, half, w.half(), w.half(), 1e-6, "llama")))
 
 
 def _rotary_inputs(shape, dtype, seed):
@@ -224,14 +260,15 @@ def _norms(scorer):
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 @pytest.mark.parametrize("arch", ARCHS)  # llama and qwen2 norms, gemma3's (with q/k norms); qwen2's q/k/v biases
 def test_torch_backend_with_cpu_kernels_matches_the_reference(monkeypatch, tiny_checkpoints, arch, dtype):
-    calls = {"rms_norm": 0, "rotary": 0}
+    calls = {"rms_norm": 0, "rotary": 0, "add_rms_norm": 0}
 
     def counted(name, op):
         return lambda *args: calls.__setitem__(name, calls[name] + 1) or op(*args)
 
     ops = TorchBackend.cpu_elementwise_ops
     monkeypatch.setattr(TorchBackend, "cpu_elementwise_ops", dataclasses.replace(
-        ops, rms_norm=counted("rms_norm", ops.rms_norm), rotary=counted("rotary", ops.rotary)
+        ops, rms_norm=counted("rms_norm", ops.rms_norm), rotary=counted("rotary", ops.rotary),
+        add_rms_norm=counted("add_rms_norm", ops.add_rms_norm),
     ))
     rng = random.Random(f"cpu-norms-{arch}-{dtype}")
     query, items = random_text(rng, rng.randint(1, 12)), ragged_items(rng, 30)
@@ -250,7 +287,11 @@ def test_torch_backend_with_cpu_kernels_matches_the_reference(monkeypatch, tiny_
     assert scorer.backend.runner.attention_op is shared_prefix_attention_cpu
     passes = calls["rotary"] // (2 * layers)  # q and k in each layer of each pass
     assert passes >= 2 and calls["rotary"] == 2 * layers * passes
-    assert calls["rms_norm"] >= passes * (len(norms) - 1 - (2 * layers if arch == "gemma3" else 0))  # q/k norms: in the rotary
+    # each layer: its input norm, then its residual adds with the norms beside them (Gemma-3: the
+    # post-attention and pre-MLP norms with the first, the post-MLP norm with the second; Llama and
+    # Qwen2: the post-attention norm with the first, the second a plain add); q/k norms: in the rotary
+    assert all("darl_add_rms_norm" in vars(layer) for layer in scorer.backend.model.model.layers)
+    assert calls["rms_norm"] >= passes * layers and calls["add_rms_norm"] == passes * layers * (2 if arch == "gemma3" else 1)
     assert np.abs(got.probs - reference.probs).max() <= (1e-5 if dtype == "fp32" else 2e-2)
 
 

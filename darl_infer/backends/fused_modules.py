@@ -5,7 +5,9 @@ ops (the Triton kernels, or their PyTorch references), with the modules' math an
   then the attention hook as HF calls it;
 - their gated MLPs (where the backend has a gated op): gate and up from one matmul, act(gate) * up
   by the gated op (kernels/gated_activation.py);
-- with a norm op, every known RMSNorm (kernels/rms_norm.py; without, HF's modules run).
+- with a norm op, every known RMSNorm (kernels/rms_norm.py; without, HF's modules run);
+- with an add-and-norm op, the decoder layers of those models: each residual add and the norms on
+  either side of it in one pass (on a CPU, where these passes are bound by memory).
 On a GPU a pass is bound by kernel launches up to thousands of items: with the kernels a 10-item
 query on Gemma-3 makes 384 launches instead of 636 (H200). On a CPU the torch backend uses the
 attention modules, eager with its C++ kernels and compiled, and HF's MLPs
@@ -47,6 +49,15 @@ KNOWN_NORMS = {
 # attention and MLP classes whose forward `_fused_attention` / `_fused_mlp` reproduce
 KNOWN_ATTENTION = [("llama", "LlamaAttention"), ("qwen2", "Qwen2Attention"), ("qwen3", "Qwen3Attention"), ("gemma3", "Gemma3Attention")]
 KNOWN_MLP = [("llama", "LlamaMLP"), ("qwen2", "Qwen2MLP"), ("qwen3", "Qwen3MLP"), ("gemma3", "Gemma3MLP")]
+# decoder layers whose forward `_fused_layer` reproduces: class -> its norms, in order
+KNOWN_LAYERS = {
+    ("llama", "LlamaDecoderLayer"): ("input_layernorm", "post_attention_layernorm"),
+    ("qwen2", "Qwen2DecoderLayer"): ("input_layernorm", "post_attention_layernorm"),
+    ("qwen3", "Qwen3DecoderLayer"): ("input_layernorm", "post_attention_layernorm"),
+    ("gemma3", "Gemma3DecoderLayer"): (
+        "input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm",
+    ),
+}
 
 
 @functools.cache
@@ -79,12 +90,13 @@ def activation_of(act_fn: torch.nn.Module) -> str | None:
 @dataclass(frozen=True)
 class ElementwiseOps:
     """What runs between the matmuls: `rotary` and `gated` with the signatures of kernels/rotary.py's
-    and kernels/gated_activation.py's functions, `gated` None for HF's MLP modules; `rms_norm` with
-    kernels/rms_norm.py's, or None for HF's norm modules."""
+    and kernels/gated_activation.py's functions, `gated` None for HF's MLP modules; `rms_norm` and
+    `add_rms_norm` with kernels/rms_norm.py's, or None for HF's norm modules and decoder layers."""
 
     rotary: Callable
     gated: Callable | None
     rms_norm: Callable | None = None
+    add_rms_norm: Callable | None = None
 
 
 class FusedProjection:
@@ -134,6 +146,9 @@ def use_fused_modules(decoder: torch.nn.Module, ops: ElementwiseOps) -> list[Fus
         use_norm_op(decoder, ops.rms_norm)
     fused = []
     for module in decoder.modules():
+        if ops.add_rms_norm is not None and (norms := _layer_norms(module)) is not None:
+            module.darl_add_rms_norm, module.darl_layer_norm = ops.add_rms_norm, norms
+            module.forward = types.MethodType(_fused_layer, module)
         if is_one_of(module, KNOWN_ATTENTION) and _head_norms_known(module) and plain_linears(module.q_proj, module.k_proj, module.v_proj):
             fused.append(FusedProjection(module, "qkv", [module.q_proj, module.k_proj, module.v_proj]))
             module.darl_rotary = ops.rotary
@@ -167,6 +182,13 @@ def _head_norms_known(attention: torch.nn.Module) -> bool:
         return True
     q_norm, k_norm = (known_norm(getattr(attention, name, None)) for name in ("q_norm", "k_norm"))
     return all(present) and q_norm is not None and q_norm == k_norm
+
+
+def _layer_norms(layer: torch.nn.Module) -> tuple[str, float] | None:
+    """(variant, eps) of a known decoder layer whose norms are all known and alike, else None."""
+    names = next((names for (arch, name), names in KNOWN_LAYERS.items() if type(layer) is hf_class(arch, name)), None)
+    norms = {known_norm(getattr(layer, name, None)) for name in names} if names else {None}
+    return norms.pop() if len(norms) == 1 and None not in norms else None
 
 
 def _in_a_pass() -> bool:
@@ -204,6 +226,24 @@ def _fused_attention(
         scaling=self.scaling, sliding_window=getattr(self, "sliding_window", None),
     )
     return self.o_proj(out.reshape(*tokens, -1)), None
+
+
+def _fused_layer(self: torch.nn.Module, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """HF's decoder layer forward (Llama/Qwen2/Qwen3: pre-norms; Gemma-3: norms before and after
+    attention and MLP) with each residual add and its neighbouring norms by `darl_add_rms_norm`. HF's
+    model passes a layer its inputs by keyword, and the layer hands them all to its attention."""
+    if args or not _in_a_pass():
+        return type(self).forward(self, hidden_states, *args, **kwargs)
+    variant, eps = self.darl_layer_norm
+    attended, _ = self.self_attn(hidden_states=self.input_layernorm(hidden_states), **kwargs)
+    if not hasattr(self, "pre_feedforward_layernorm"):  # residual + attention, then its norm
+        residual, x = self.darl_add_rms_norm(attended, hidden_states, None, self.post_attention_layernorm.weight, eps, variant)
+        return residual + self.mlp(x)
+    residual, x = self.darl_add_rms_norm(
+        attended, hidden_states, self.post_attention_layernorm.weight, self.pre_feedforward_layernorm.weight, eps, variant
+    )
+    out, _ = self.darl_add_rms_norm(self.mlp(x), residual, self.post_feedforward_layernorm.weight, None, eps, variant)
+    return out
 
 
 def _fused_mlp(self: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:

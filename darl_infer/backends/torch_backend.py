@@ -23,7 +23,7 @@ import torch
 from darl_infer.kernels.classification_head import classification_head_reference
 from darl_infer.kernels.cpu_extension import cpu_ops, has
 from darl_infer.kernels.gated_activation import gated_activation_cpu, gated_activation_reference
-from darl_infer.kernels.rms_norm import rms_norm_cpu
+from darl_infer.kernels.rms_norm import add_rms_norm_cpu, rms_norm_cpu
 from darl_infer.kernels.rotary import rotary_cpu, rotary_reference
 from darl_infer.kernels.shared_prefix_attention import shared_prefix_attention_cpu
 
@@ -72,7 +72,9 @@ class TorchBackend:
     elementwise_ops = ElementwiseOps(rotary=rotary_reference, gated=gated_activation_reference)
     # on a CPU eager the C++ kernels (kernels/*_cpu.cpp), compiled the rotary's reference for
     # inductor to fuse (with the norms, and HF's MLPs: it fuses their activation and product)
-    cpu_elementwise_ops = ElementwiseOps(rotary=rotary_cpu, gated=gated_activation_cpu, rms_norm=rms_norm_cpu)
+    cpu_elementwise_ops = ElementwiseOps(
+        rotary=rotary_cpu, gated=gated_activation_cpu, rms_norm=rms_norm_cpu, add_rms_norm=add_rms_norm_cpu
+    )
     compiled_cpu_elementwise_ops = ElementwiseOps(rotary=rotary_reference, gated=None)
 
     def __init__(self, model, token_budget: int | None = None, compile: bool = False):
