@@ -3,7 +3,7 @@
     python bench/cpu_kernels.py --kernel norms|attention|layers|budget --dtype bf16 --rounds 5 [--deviation]
 
 --kernel norms: the C++ RMSNorm against HF's modules; attention: the C++ shared-prefix attention
-against PyTorch's SDPA; layers: the CPU path (the fused attention modules, eager with the C++ norm
+against PyTorch's SDPA (in bf16 on an AMX CPU also its MKL path, DARL_INFER_AMX=0); layers: the CPU path (the fused attention modules, eager with the C++ norm
 and rotary, HF's MLPs) against HF's modules (eager with the C++ norms; a second copy of the model);
 budget: the torch backend at each of --budgets tokens a forward pass.
 
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import types
 from unittest import mock
 
@@ -95,9 +96,12 @@ def main() -> None:
         if runner.attention_op is not shared_prefix_attention_cpu:
             raise SystemExit("the torch backend does not use the C++ attention (CPU kernels disabled or not built?)")
         variants = {"sdpa": shared_prefix_attention_sdpa, "c++": shared_prefix_attention_cpu}
+        if dtype == torch.bfloat16 and torch.ops.darl_infer_cpu.attention_uses_amx():
+            variants["c++ mkl"] = shared_prefix_attention_cpu  # read at each call: MKL's gemm instead of AMX tiles
 
         def use(name: str) -> Scorer:
             runner.attention_op = variants[name]
+            os.environ["DARL_INFER_AMX"] = "0" if name == "c++ mkl" else "1"
             return scorer
 
         config, g = model.config, torch.Generator().manual_seed(0)
@@ -107,6 +111,7 @@ def main() -> None:
         q = torch.randn(T, H, D, generator=g).to(dtype)
         k, v, prefix_k, prefix_v = (torch.randn(n, Hkv, D, generator=g).to(dtype) for n in (T, T, 80, 80))
         for name, op in variants.items():
+            use(name)
             ms = best_ms(lambda: op(q, k, v, prefix_k, prefix_v, cu, D ** -0.5))
             print(f"one layer's attention alone, {args.items} items, {T} tokens, 80-token prefix, {args.dtype}: {name} {ms:.2f} ms")
     elif args.kernel == "budget":
