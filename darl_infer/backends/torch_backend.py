@@ -136,8 +136,8 @@ class TorchBackend:
         GELU in the form inductor runs fast); on a CPU eager the C++ kernels, compiled the rotary's
         PyTorch reference for inductor to fuse. gated None: the MLPs stay HF's modules, on a CPU in
         bf16 with oneDNN's post-ops (onednn_mlp.py: as fast there as one gate/up matmul and the C++
-        gated kernel, and closer to fp32; in fp32 that matmul and kernel are 5 % faster a 100-item
-        query than HF's MLPs, 2-core AMX Xeon)."""
+        gated kernel, and closer to fp32; in fp32 that matmul and kernel are 5-15 % faster a 100-item
+        query than HF's MLPs, 2-core AMX Xeon, bench/cpu_variants.py)."""
         if self.device.type != "cpu":
             if self.compiled:
                 return dataclasses.replace(self.elementwise_ops, gated=gated_activation_for_inductor)
