@@ -10,9 +10,11 @@ import random
 
 import numpy as np
 import pytest
+import torch
 
 from conftest import ARCHS, ragged_items
 from darl_infer import Scorer
+from darl_infer.backends import onednn_mlp
 from darl_infer.backends.chunking import length_sorted_chunks, pass_size, prefix_rounds
 from darl_infer.backends.prefix_cache import PrefixLRU
 from tiny_models import random_text
@@ -135,9 +137,12 @@ def test_pass_sizes_are_few_and_at_most_a_sixteenth_more():
 
 @pytest.mark.parametrize("dtype", ["bf16", "fp32"])
 def test_bf16_cpu_passes_are_padded_to_pass_sizes_by_a_filler_item(tiny_checkpoints, scorers, dtype):
-    """In bf16 each CPU forward pass runs pass_size(its tokens) tokens: a filler item after the real
-    ones, its grades dropped; fp32 passes run as they come."""
+    """In bf16, on a CPU that runs it natively (oneDNN's matmuls), each CPU forward pass runs
+    pass_size(its tokens) tokens: a filler item after the real ones, its grades dropped; fp32 passes,
+    and bf16 ones elsewhere, run as they come."""
     scorer = Scorer.from_pretrained(tiny_checkpoints["gemma3"], backend="torch", dtype=dtype)
+    padded = scorer.backend.pads_passes
+    assert padded == (dtype == "bf16" and onednn_mlp.used_for(torch.bfloat16))
     model = scorer.backend.model
     lengths = []
     handle = getattr(model, model.base_model_prefix).register_forward_pre_hook(
@@ -153,7 +158,7 @@ def test_bf16_cpu_passes_are_padded_to_pass_sizes_by_a_filler_item(tiny_checkpoi
     finally:
         handle.remove()
     # the prefix and the items in one pass
-    assert lengths == [pass_size(tokens, scorer.backend.token_budget) if dtype == "bf16" else tokens]
+    assert lengths == [pass_size(tokens, scorer.backend.token_budget) if padded else tokens]
     assert result.probs.shape == (13, 3)
     reference = scorers("gemma3", backend="reference").score(query, items)
     assert max_diff(result.probs, reference.probs) <= (2e-2 if dtype == "bf16" else 1e-5)

@@ -105,11 +105,11 @@ class TorchBackend:
             self.attention_op = shared_prefix_attention_cpu
         if compile:
             compile_decoder_layers(decoder)
-        # bf16 on a CPU: oneDNN's matmuls, built for each new number of rows (~40 ms a pass the first
-        # time), so passes are padded to few sizes (chunking.pass_size; a 100-item query seen once
-        # 321-365 -> 279-341 ms, 2-core AMX Xeon). fp32 runs MKL's matmuls, which take any size as it
-        # comes (padded: 4.5 % slower)
-        self.pads_passes = self.device.type == "cpu" and model.dtype == torch.bfloat16
+        # bf16 on a CPU that runs it natively: oneDNN's matmuls, built for each new number of rows
+        # (~40 ms a pass the first time), so passes are padded to few sizes (chunking.pass_size; 16
+        # new 100-item queries: mean 320-330 -> 285 ms, 2-core AMX Xeon, bench/cpu_variants.py). fp32
+        # runs MKL's matmuls, which take any size as it comes (padded: 4.5 % slower)
+        self.pads_passes = self.device.type == "cpu" and used_for(model.dtype)
         self.turns = TakingTurns()
         self.layers = model.config.num_hidden_layers
         self.norm_weight, self.norm_eps, self.norm_variant = final_norm_of(decoder)
