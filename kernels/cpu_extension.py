@@ -4,8 +4,9 @@
 On a CPU the work between the matmuls runs as PyTorch ops, each a pass over the tensor (an RMSNorm
 is ~8); the C++ ops do each such step in one pass. They are built with torch's JIT extension loader
 (a C++ compiler and ninja, which torch.compile's CPU code needs too) for the SIMD level PyTorch
-dispatches to on this CPU (AVX-512, AVX2, or portable code), once per machine and version of the
-sources: ~15 s (a line on stderr says so), then cached in darl_infer's cache folder
+dispatches to on this CPU (AVX-512, AVX2, or portable code; with AVX-512 also AVX-512-BF16 and AMX
+where the CPU has them), once per machine, checkout and version of the sources: ~15 s (a line on
+stderr says so), then cached in darl_infer's cache folder
 (DARL_INFER_CACHE, by default ~/.cache/darl_infer) under cpu_kernels/. Where the build fails,
 `cpu_ops()` warns once and returns None, and callers keep PyTorch's path; DARL_INFER_CPU_KERNELS=0
 turns the ops off.
@@ -95,13 +96,16 @@ def _build():
     # no fused multiply-adds where the source has a product and a sum: the kernels round as PyTorch's
     # ops; OpenMP: at::parallel_for runs serially without it (it links the libgomp torch has loaded)
     cflags = ["-O3", "-ffp-contract=off", "-fopenmp", *flags]
+    # and one per checkout: torch's loader rebuilds a library whose sources sit elsewhere, under
+    # any process of another checkout that has it loaded (two clones sharing the cache, say)
     digest = hashlib.sha1(
-        " ".join([torch.__version__, *cflags]).encode() + b"".join(source.read_bytes() for source in files + headers())
+        " ".join([torch.__version__, str(HERE.resolve()), *cflags]).encode()
+        + b"".join(source.read_bytes() for source in files + headers())
     ).hexdigest()[:10]
     name = f"darl_infer_cpu_{level.lower() if flags else 'portable'}_{digest}"
     build = Path(os.environ.get("DARL_INFER_CACHE", Path.home() / ".cache" / "darl_infer")) / "cpu_kernels" / name
     if not (build / f"{name}.so").exists():
-        print(f"darl_infer: building its CPU kernels ({level}, once per machine: ~15 s) in {build}", file=sys.stderr)
+        print(f"darl_infer: building its CPU kernels ({level}, once per machine and checkout: ~15 s) in {build}", file=sys.stderr)
     try:
         build.mkdir(parents=True, exist_ok=True)
         cpp_extension.load(
