@@ -10,8 +10,8 @@ ops (the Triton kernels, or their PyTorch references), with the modules' math an
   either side of it in one pass (on a CPU, where these passes are bound by memory).
 On a GPU a pass is bound by kernel launches up to thousands of items: with the kernels a 10-item
 query on Gemma-3 makes 384 launches instead of 636 (H200). On a CPU the torch backend uses the
-attention modules, eager with its C++ kernels and compiled, and HF's MLPs
-(TorchBackend.uses_fused_modules).
+attention modules, eager with its C++ kernels and compiled; eager also the decoder layers, and in
+fp32 the MLPs (bf16 keeps HF's with oneDNN's post-ops; TorchBackend.fused_module_ops).
 A module of another class runs HF's forward. Swapped once when the backend is built, on the model
 it was given (as the attention hook is); outside darl_infer's forward passes the modules run HF's
 forward, so other users of the model (training it, say) are unaffected.

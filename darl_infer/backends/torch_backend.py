@@ -8,9 +8,10 @@ round's prefixes not found in the LRU of recent prefixes run packed in the same 
 its first chunk (prefix_runner.JointPass), one pass fewer than running them first.
 
 HF's modules run the layers, with the attention swapped (attention_hook.py); on a GPU the fused
-modules (fused_modules.py); on a CPU the attention by a C++ kernel, the fused attention modules
-(eager with the C++ norm and rotary kernels, kernels/*_cpu.cpp) and HF's MLPs, in bf16 with
-oneDNN's post-ops (onednn_mlp.py).
+modules (fused_modules.py); on a CPU the attention by a C++ kernel (bf16 on AMX tiles where the CPU
+has them), the fused attention modules and decoder layers (eager with the C++ norm, add-and-norm and
+rotary kernels, kernels/*_cpu.cpp), in fp32 the fused MLPs with the C++ gated kernel, in bf16 HF's
+MLPs with oneDNN's post-ops (onednn_mlp.py) and passes padded to few sizes (chunking.pass_size).
 """
 
 from __future__ import annotations
