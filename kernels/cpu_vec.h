@@ -6,6 +6,7 @@
 // where PyTorch keeps them as bf16 subnormals: the only values on which the two differ.
 #pragma once
 
+#include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
 #include <cstdint>
@@ -74,6 +75,21 @@ inline Vec rounded(const Vec& v) {
     return std::get<0>(at::vec::convert_bfloat16_float(at::vec::convert_float_bfloat16(v, v)));
 #endif
   }
+}
+
+// the sum of a row's squares in fp32, summed in one order by every kernel (the norms' and the
+// rotary's): fp32 within 2e-6 of PyTorch's mean, which sums in another
+template <typename T>
+inline float sum_of_squares(const T* x, int64_t D) {
+  Vec squares(0.f);
+  int64_t d = 0;
+  for (; d + Vec::size() <= D; d += Vec::size()) {
+    const Vec v = load_fp32(x + d);
+    squares = at::vec::fmadd(v, v, squares);
+  }
+  float sum = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, squares);
+  for (; d < D; ++d) sum += static_cast<float>(x[d]) * static_cast<float>(x[d]);
+  return sum;
 }
 
 }  // namespace darl_vec

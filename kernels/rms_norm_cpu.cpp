@@ -22,22 +22,8 @@ namespace {
 using darl_vec::load_fp32;
 using darl_vec::rounded;
 using darl_vec::store_rounded;
+using darl_vec::sum_of_squares;
 using darl_vec::Vec;
-
-// the sum of the row's squares in fp32, summed in one order by every kernel here: fp32 within 2e-6
-// of PyTorch's mean, which sums in another
-template <typename T>
-float sum_of_squares(const T* x, int64_t D) {
-  Vec squares(0.f);
-  int64_t d = 0;
-  for (; d + Vec::size() <= D; d += Vec::size()) {
-    const Vec v = load_fp32(x + d);
-    squares = at::vec::fmadd(v, v, squares);
-  }
-  float sum = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, squares);
-  for (; d < D; ++d) sum += static_cast<float>(x[d]) * static_cast<float>(x[d]);
-  return sum;
-}
 
 // values x of a row normalised by inv_rms, before the result's rounding to T: "gemma" (x * inv_rms)
 // * (1 + w), in fp32; "llama" w * (x * inv_rms rounded to T). w holds 1 + w for Gemma.

@@ -40,18 +40,7 @@ void rotary_rows(const T* x, int64_t token_stride, int64_t head_stride, const T*
       const T* xr = x + t * token_stride + h * head_stride;
       const T* c = cos + t * cos_stride;
       const T* s = sin + t * sin_stride;
-      Vec inv_rms(1.f);
-      if (norm != kNone) {
-        Vec squares(0.f);
-        int64_t d = 0;
-        for (; d + Vec::size() <= D; d += Vec::size()) {
-          const Vec xd = load_fp32(xr + d);
-          squares = at::vec::fmadd(xd, xd, squares);
-        }
-        float sum = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, squares);
-        for (; d < D; ++d) sum += static_cast<float>(xr[d]) * static_cast<float>(xr[d]);
-        inv_rms = Vec(1.f / std::sqrt(sum / D + eps));
-      }
+      const Vec inv_rms(norm == kNone ? 1.f : 1.f / std::sqrt(darl_vec::sum_of_squares(xr, D) / D + eps));
       // x[d, d + n) normalised: "gemma" ((x * inv_rms) * (1 + w)), rounded; "llama" w * (x * inv_rms
       // rounded), rounded
       const auto normed = [&](int64_t d, int64_t n) {
